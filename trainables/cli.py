@@ -1,0 +1,144 @@
+"""The single-trial command: one configuration through every phase, without Ray.
+
+    python -m trainables.pipeline --dataset digits_lt --epochs 30
+    python -m trainables.pipeline --method dro_lt --radius learned --lam 0.5
+    python -m trainables.pipeline --method wb --wd 5e-3 --maxnorm 0.1
+    python -m trainables.pipeline --preset wb_paper --dataset cifar100_lt --data-dir data --download
+
+Every TrialConfig field is a flag (`--cls-lr`, `--dro-epochs`, ...). Bad input prints one line
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from typing import Any
+
+from trainables.config import PRESETS, ConfigError, TrialConfig
+from trainables.data import DataError, dataset_names
+
+ALIASES = {"wd": "weight_decay", "lambda": "lam"}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_type(annotation: str):
+    if "bool" in annotation:
+        return _parse_bool
+    if "int" in annotation and "float" not in annotation:
+        return int
+    if "float" in annotation:
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainables.pipeline",
+        description="Train and evaluate one long-tailed configuration (no Ray).",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the authors' recipe")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--cache-dir", help="stage-1 cache folder (reuse identical stage-1 runs)")
+    parser.add_argument(
+        "--maxnorm", metavar="T|off|step|epoch",
+        help="MaxNorm: a number is the relative radius t (projection every step); or a mode",
+    )
+    for item in fields(TrialConfig):
+        if item.name == "maxnorm":
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        parser.add_argument(flag, dest=item.name, type=_field_type(str(item.type)), default=None)
+    parser.add_argument("--wd", dest="weight_decay", type=float, help="alias of --weight-decay")
+    parser.add_argument("--lambda", dest="lam", type=float, help="alias of --lam")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrialConfig:
+    values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    for item in fields(TrialConfig):
+        given = getattr(args, item.name, None)
+        if given is not None and item.name != "maxnorm":
+            values[item.name] = given
+    if args.maxnorm is not None:
+        if args.maxnorm in ("off", "step", "epoch"):
+            values["maxnorm"] = args.maxnorm
+        else:
+            try:
+                values["maxnorm_t"] = float(args.maxnorm)
+            except ValueError:
+                raise ConfigError(
+                    f"--maxnorm must be a number (relative radius t) or off/step/epoch; got {args.maxnorm!r}"
+                ) from None
+            values["maxnorm"] = "step"
+    dataset = values.get("dataset", "digits_lt")
+    if dataset not in dataset_names():
+        raise DataError(f"unknown dataset {dataset!r}; accepted: {', '.join(dataset_names())}")
+    return TrialConfig.from_dict(values)
+
+
+def _fmt(value: Any) -> str:
+    return "  -  " if value is None else f"{100 * value:5.1f}"
+
+
+def print_epoch(metrics: dict[str, Any], _snapshot: Any) -> None:
+    tag = " (cached)" if metrics.get("replayed") else ""
+    line = (
+        f"[{metrics['phase']:<10} {metrics['phase_epoch']:>3}] epoch {metrics['epoch']:>3}  "
+        f"loss {metrics['train_loss']:.4f}  lr {metrics['lr']:.4g}  val all {_fmt(metrics['val_all'])}"
+        f"  many {_fmt(metrics['val_many'])}  med {_fmt(metrics['val_medium'])}"
+        f"  few {_fmt(metrics['val_few'])}  {metrics['images_per_second']:.0f} img/s{tag}"
+    )
+    if "ncm_all" in metrics:
+        line += f"  ncm {_fmt(metrics['ncm_all'])}"
+    print(line, flush=True)
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    protocol = result["protocol"]
+    label = "paper protocol: validation IS the test set" if protocol == "paper" else "held-out validation"
+    print(f"status: {result['status']}   protocol: {protocol} ({label})")
+    print(f"{'split':<6} {'all':>6} {'many':>6} {'medium':>6} {'few':>6}")
+    for split in ("val", "test"):
+        report = result[split]
+        print(f"{split:<6} " + " ".join(f"{_fmt(report[k]):>6}" for k in ("all", "many", "medium", "few")))
+    diagnostics = result["diagnostics"]
+    norms = diagnostics["weight_norms"]
+    for stage in ("stage1", "final"):
+        if norms.get(stage):
+            values = norms[stage]
+            print(f"classifier row norms ({stage}): min {min(values):.3f}  max {max(values):.3f}  "
+                  f"spread (max/min) {max(values) / max(min(values), 1e-12):.2f}")
+    if diagnostics.get("radii") is not None:
+        radii = ", ".join(f"{value:.3f}" for value in diagnostics["radii"])
+        print(f"radii per class (counts {result['class_counts']}): {radii}")
+    if diagnostics.get("ncm_val"):
+        print(f"nearest-class-mean val accuracy: {_fmt(diagnostics['ncm_val']['all'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        from trainables.pipeline import run_trial
+
+        result = run_trial(config, on_epoch=None if args.json else print_epoch, cache_dir=args.cache_dir)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_summary(result)
+    return 0
