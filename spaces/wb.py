@@ -7,7 +7,7 @@ from spaces.dimensions import LR, WB_STAGE2, WEIGHT_DECAY, derive_fields
 SPACE = Space(
     name="wb",
     method="wb",
-    summary="weight-decayed CE features, then class-balanced classifier with weight decay + MaxNorm",
+    summary="weight-decayed CE features, then class-balanced classifier, weight decay, MaxNorm",
     dimensions=(LR, WEIGHT_DECAY, *WB_STAGE2),
     plans={
         "tiny": {"epochs": 20, "cls_epochs": 10, "schedule": "cosine"},

@@ -239,34 +239,31 @@ class NetnsCluster:
 
 
 def _make_network(nodes: list[_Node]) -> None:
-    """Namespaces, `lo` up, a bridge in the head namespace, one veth per worker into it."""
-    head = nodes[0]
+    """Namespaces with `lo` up, and one veth pair from each worker into the head namespace.
+
+    Two nodes need nothing more: the head end of the pair carries the head's address. With
+    more, the head ends join a bridge that carries it, so workers also reach each other. A
+    lone head keeps its address on `lo`.
+    """
+    head, workers = nodes[0], nodes[1:]
     for node in nodes:
         _ip("netns", "add", node.namespace)
         _in_ns(node.namespace, "link", "set", "lo", "up")
-    _in_ns(head.namespace, "link", "add", "br0", "type", "bridge")
-    _in_ns(head.namespace, "addr", "add", f"{head.ip}/24", "dev", "br0")
-    _in_ns(head.namespace, "link", "set", "br0", "up")
-    for index, node in enumerate(nodes[1:], start=1):
+    head_dev = {0: "lo", 1: "eth0"}.get(len(workers), "br0")
+    if len(workers) > 1:
+        _in_ns(head.namespace, "link", "add", "br0", "type", "bridge")
+    for index, node in enumerate(workers, start=1):
+        peer = head_dev if len(workers) == 1 else f"v{index}"
         # Created straight into the two namespaces, so no name ever lives in the root one.
-        _ip(
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            node.namespace,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            f"v{index}",
-            "netns",
-            head.namespace,
-        )
-        _in_ns(head.namespace, "link", "set", f"v{index}", "master", "br0")
-        _in_ns(head.namespace, "link", "set", f"v{index}", "up")
+        _ip("link", "add", "eth0", "netns", node.namespace, "type", "veth",
+            "peer", "name", peer, "netns", head.namespace)  # fmt: skip
+        if peer != head_dev:
+            _in_ns(head.namespace, "link", "set", peer, "master", head_dev)
+            _in_ns(head.namespace, "link", "set", peer, "up")
         _in_ns(node.namespace, "addr", "add", f"{node.ip}/24", "dev", "eth0")
         _in_ns(node.namespace, "link", "set", "eth0", "up")
+    _in_ns(head.namespace, "addr", "add", f"{head.ip}/24", "dev", head_dev)
+    _in_ns(head.namespace, "link", "set", head_dev, "up")
 
 
 def _start_node(node: _Node, ray_args: list[str], env: dict[str, str]) -> None:
@@ -347,6 +344,60 @@ def _delete_network(nodes: list[_Node]) -> None:
             subprocess.run(["ip", "netns", "del", node.namespace], capture_output=True)
 
 
+def _plan(num_nodes: int, auth: str) -> tuple[NetnsCluster, dict[str, str]]:
+    """Names, addresses, a fresh directory (and token); returns the cluster and the nodes' env."""
+    tag = secrets.token_hex(3)
+    subnet = f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}"
+    root = Path(tempfile.mkdtemp(prefix=f"ttrc-{tag}-", dir="/tmp"))  # short: socket paths
+    nodes = [
+        _Node(
+            name="head" if i == 0 else f"worker{i}",
+            namespace=f"ttray-{tag}-n{i}",
+            ip=f"{subnet}.{i + 1}",
+            log=root / f"node{i}.log",
+        )
+        for i in range(num_nodes)
+    ]
+    head_address = f"{nodes[0].ip}:{HEAD_PORT}"
+    cluster_env = {"RAY_AUTH_MODE": auth, "RAY_ADDRESS": head_address}
+    if auth == "token":
+        token_path = root / "auth_token"
+        token_path.write_text(secrets.token_hex(32))
+        token_path.chmod(0o600)
+        cluster_env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    node_env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    node_env.update({k: v for k, v in cluster_env.items() if k != "RAY_ADDRESS"})
+    node_env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # On SIGTERM a node otherwise drains for up to 30 s before stopping; a test has no use for it.
+    node_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    cluster = NetnsCluster(head_address=head_address, nodes=nodes, root=root, env=cluster_env)
+    return cluster, node_env
+
+
+def _start(
+    cluster: NetnsCluster, node_env: dict[str, str], common: list[str], timeout: float
+) -> None:
+    """Network, head, workers; then check that the cluster reports every node alive."""
+    head, workers = cluster.nodes[0], cluster.nodes[1:]
+    _make_network(cluster.nodes)
+    head_args = ["--head", "--node-ip-address", head.ip, "--port", str(HEAD_PORT),
+                 "--include-dashboard=false", "--temp-dir", str(cluster.root / "n0")]  # fmt: skip
+    _start_node(head, [*head_args, *common], node_env)
+    _wait_ready([head], timeout)
+    for i, node in enumerate(workers, start=1):
+        worker_args = ["--address", cluster.head_address, "--node-ip-address", node.ip,
+                       "--temp-dir", str(cluster.root / f"n{i}")]  # fmt: skip
+        _start_node(node, [*worker_args, *common], node_env)
+    _wait_ready(workers, timeout)
+    alive = cluster.alive_nodes(want=len(cluster.nodes), timeout=timeout)
+    if sorted(alive.values()) != sorted(cluster.node_ips):
+        logs = "\n".join(f"--- {n.name}:\n{_tail(n.log)}" for n in cluster.nodes)
+        raise ClusterError(
+            f"expected alive nodes at {cluster.node_ips}, the cluster reports "
+            f"{sorted(alive.values())}\n{logs}"
+        )
+
+
 @contextlib.contextmanager
 def ray_netns_cluster(
     num_nodes: int = 2,
@@ -369,87 +420,20 @@ def ray_netns_cluster(
         raise ValueError(f"num_nodes={num_nodes} is not allowed: use 1 or more")
     if auth not in ("disabled", "token"):
         raise ValueError(f"auth={auth!r} is not allowed: use 'disabled' or 'token'")
-    tag = secrets.token_hex(3)
-    subnet = f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}"
-    root = Path(tempfile.mkdtemp(prefix=f"ttrc-{tag}-", dir="/tmp"))  # short: socket paths
-    nodes = [
-        _Node(
-            name="head" if i == 0 else f"worker{i}",
-            namespace=f"ttray-{tag}-n{i}",
-            ip=f"{subnet}.{i + 1}",
-            log=root / f"node{i}.log",
-        )
-        for i in range(num_nodes)
-    ]
-    head = nodes[0]
-    cluster_env = {"RAY_AUTH_MODE": auth, "RAY_ADDRESS": f"{head.ip}:{HEAD_PORT}"}
-    if auth == "token":
-        token_path = root / "auth_token"
-        token_path.write_text(secrets.token_hex(32))
-        token_path.chmod(0o600)
-        cluster_env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
-    node_env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-    node_env.update({k: v for k, v in cluster_env.items() if k != "RAY_ADDRESS"})
-    node_env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # On SIGTERM a node otherwise drains for up to 30 s before stopping; a test has no use for it.
-    node_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-    cluster = NetnsCluster(
-        head_address=f"{head.ip}:{HEAD_PORT}", nodes=nodes, root=root, env=cluster_env
-    )
-    common = [
-        "--num-cpus",
-        str(cpus_per_node),
-        "--num-gpus",
-        "0",
-        "--block",
-        "--disable-usage-stats",
-        *ray_args,
-    ]
+    cluster, node_env = _plan(num_nodes, auth)
+    common = ["--num-cpus", str(cpus_per_node), "--num-gpus", "0", "--block",
+              "--disable-usage-stats", *ray_args]  # fmt: skip
+    began = time.monotonic()
     try:
-        _make_network(nodes)
-        _start_node(
-            head,
-            [
-                "--head",
-                "--node-ip-address",
-                head.ip,
-                "--port",
-                str(HEAD_PORT),
-                "--include-dashboard=false",
-                "--temp-dir",
-                str(root / "n0"),
-                *common,
-            ],
-            node_env,
-        )
-        _wait_ready([head], start_timeout)
-        for i, node in enumerate(nodes[1:], start=1):
-            _start_node(
-                node,
-                [
-                    "--address",
-                    cluster.head_address,
-                    "--node-ip-address",
-                    node.ip,
-                    "--temp-dir",
-                    str(root / f"n{i}"),
-                    *common,
-                ],
-                node_env,
-            )
-        _wait_ready(nodes[1:], start_timeout)
-        alive = cluster.alive_nodes(want=num_nodes, timeout=start_timeout)
-        if sorted(alive.values()) != sorted(cluster.node_ips):
-            logs = "\n".join(f"--- {n.name}:\n{_tail(n.log)}" for n in nodes)
-            raise ClusterError(
-                f"expected alive nodes at {cluster.node_ips}, the cluster reports "
-                f"{sorted(alive.values())}\n{logs}"
-            )
+        _start(cluster, node_env, common, start_timeout)
+        logger.info("%d-node cluster up in %.1f s", num_nodes, time.monotonic() - began)
         yield cluster
     finally:
+        began = time.monotonic()
         try:
-            _stop(nodes, cluster._extra, grace)
+            _stop(cluster.nodes, cluster._extra, grace)
         finally:
-            _delete_network(nodes)
+            _delete_network(cluster.nodes)
             if not keep_logs:
-                shutil.rmtree(root, ignore_errors=True)
+                shutil.rmtree(cluster.root, ignore_errors=True)
+        logger.info("cluster torn down in %.1f s", time.monotonic() - began)

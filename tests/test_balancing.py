@@ -4,7 +4,6 @@ frozen features, exercised on real ResNet-32 stage-2 training on digits_lt."""
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 
 import pytest
@@ -40,6 +39,25 @@ def digits():
 def _model(dataset, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return create_model("resnet32", dataset.num_classes, in_channels=1)
+
+
+def _stage1_like_model(dataset) -> nn.Module:
+    """A ResNet-32 whose BN running stats are the training set's, as after stage 1.
+
+    With the init stats (mean 0, var 1) eval-mode features blow up through 15 blocks and every
+    loss saturates; one cumulative-average pass (momentum None) gives well-scaled features.
+    """
+    model = _model(dataset)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for images, _ in dataset.loader("train", batch_size=128, device=CPU):
+            model(images)
+    for bn in norms:
+        bn.momentum = 0.1
+    return model
 
 
 def _train_loader(dataset, seed: int = 0):
@@ -272,12 +290,13 @@ def test_reinit_classifier_draws_fresh_weights():
 
 @pytest.mark.parametrize("form", ["softmax", "bce"])
 def test_maxnorm_holds_after_every_step_of_real_stage2_training(digits, form):
-    model = _model(digits)
+    model = _stage1_like_model(digits)
     params = freeze_features(model)
     classifier = model.classifier
-    radius = relative_maxnorm_radius(class_row_norms(classifier), 0.1)
+    # inside every initial row, so the optimiser keeps pushing rows against the ball
+    radius = 0.5 * relative_maxnorm_radius(class_row_norms(classifier), 0.0)
     loss_fn = ClassBalancedLoss(digits.class_counts, 0.9999, form=form)
-    optimiser = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    optimiser = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
     steps = binding_steps = 0
     for _epoch in range(2):
         model.train()
@@ -294,21 +313,17 @@ def test_maxnorm_holds_after_every_step_of_real_stage2_training(digits, form):
             assert torch.isfinite(loss)
             assert norms.max().item() <= radius + 1e-5, f"step {steps}: {norms.max()} > {radius}"
             assert torch.equal(classifier.bias, bias), "the bias must never be projected"
-            if outside.any():
-                binding_steps += 1
+            if outside.any():  # projected rows land on the sphere
+                binding_steps += steps > 1
                 assert norms[outside].tolist() == pytest.approx(
                     [radius] * int(outside.sum()), rel=1e-5)
     assert steps >= 10
-    # the constraint is actually binding: the optimiser pushed rows out of the ball on most steps
-    assert binding_steps >= steps // 2, f"binding on only {binding_steps} of {steps} steps"
+    # actually binding: after the first projection the optimiser pushed rows out again
+    assert binding_steps >= 2, f"binding on only {binding_steps} of {steps - 1} later steps"
 
 
 def test_frozen_features_and_bn_buffers_are_bit_identical_after_classifier_training(digits):
-    model = _model(digits)
-    with torch.no_grad():  # train-mode forwards so the BN running stats are not the init
-        model.train()
-        for images, _ in itertools.islice(_train_loader(digits, seed=1), 2):
-            model(images)
+    model = _stage1_like_model(digits)
     control = copy.deepcopy(model)  # same state, never frozen
 
     params = freeze_features(model)

@@ -22,8 +22,8 @@ NETNS_OK, NETNS_WHY = netns_available()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not NETNS_OK, reason=NETNS_WHY)]
 
 # Runs in the head namespace: spread tasks, one task pinned to each node, and the node table.
-# Each node has one CPU and each task takes it for a second, so four tasks cannot all run on
-# one node unless the other never becomes schedulable.
+# Each node has one CPU and each task holds it for a second, so a round of four tasks runs on
+# one node only while the other is not (yet) schedulable.
 DRIVER = textwrap.dedent(
     """
     import json, sys, time
@@ -37,7 +37,11 @@ DRIVER = textwrap.dedent(
         time.sleep(1.0)
         return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
-    spread = ray.get([where.options(scheduling_strategy="SPREAD").remote() for _ in range(4)])
+    # Rounds until both nodes are seen: the head's raylet learns the worker's free CPU a little
+    # after the worker registers, so a first round may all run on the head.
+    spread, deadline = [], time.monotonic() + 60
+    while len({ip for ip, _ in spread}) < 2 and time.monotonic() < deadline:
+        spread += ray.get([where.options(scheduling_strategy="SPREAD").remote() for _ in range(4)])
     pinned = {
         node_id: ray.get(where.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote())

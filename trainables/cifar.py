@@ -39,7 +39,9 @@ ARCHIVES = {
 }
 
 
-def read_cifar_batches(folder: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batches(
+    folder: Path, files: list[str], label_key: str
+) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for name in files:
         with open(folder / name, "rb") as handle:
@@ -93,8 +95,12 @@ def build_cifar_lt(
     if protocol == "paper":
         train_idx, val = kept, test
     else:
-        per_class = val_per_class or spec["val_per_class"]
-        train_idx, val_idx = carve_validation(train_y, kept, left, num_classes, per_class, split_seed)
+        per_class = spec["val_per_class"] if val_per_class is None else int(val_per_class)
+        if per_class < 1:
+            raise DataError(f"val_per_class must be an integer >= 1; got {val_per_class}")
+        train_idx, val_idx = carve_validation(
+            train_y, kept, left, num_classes, per_class, split_seed
+        )
         val = ArraySplit(torch.from_numpy(train_x[val_idx]), torch.from_numpy(train_y[val_idx]))
     train = ArraySplit(torch.from_numpy(train_x[train_idx]), torch.from_numpy(train_y[train_idx]))
     return LTDataset(

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--cache-dir", help="stage-1 cache folder (reuse identical stage-1 runs)")
     parser.add_argument(
-        "--maxnorm", metavar="T|off|step|epoch",
+        "--maxnorm",
+        metavar="T|off|step|epoch",
         help="MaxNorm: a number is the relative radius t (projection every step); or a mode",
     )
     for item in fields(TrialConfig):
@@ -106,19 +107,28 @@ def print_epoch(metrics: dict[str, Any], _snapshot: Any) -> None:
 
 def print_summary(result: dict[str, Any]) -> None:
     protocol = result["protocol"]
-    label = "paper protocol: validation IS the test set" if protocol == "paper" else "held-out validation"
+    label = (
+        "paper protocol: validation IS the test set"
+        if protocol == "paper"
+        else "held-out validation"
+    )
     print(f"status: {result['status']}   protocol: {protocol} ({label})")
     print(f"{'split':<6} {'all':>6} {'many':>6} {'medium':>6} {'few':>6}")
     for split in ("val", "test"):
         report = result[split]
-        print(f"{split:<6} " + " ".join(f"{_fmt(report[k]):>6}" for k in ("all", "many", "medium", "few")))
+        print(
+            f"{split:<6} "
+            + " ".join(f"{_fmt(report[k]):>6}" for k in ("all", "many", "medium", "few"))
+        )
     diagnostics = result["diagnostics"]
     norms = diagnostics["weight_norms"]
     for stage in ("stage1", "final"):
         if norms.get(stage):
             values = norms[stage]
-            print(f"classifier row norms ({stage}): min {min(values):.3f}  max {max(values):.3f}  "
-                  f"spread (max/min) {max(values) / max(min(values), 1e-12):.2f}")
+            print(
+                f"classifier row norms ({stage}): min {min(values):.3f}  max {max(values):.3f}  "
+                f"spread (max/min) {max(values) / max(min(values), 1e-12):.2f}"
+            )
     if diagnostics.get("radii") is not None:
         radii = ", ".join(f"{value:.3f}" for value in diagnostics["radii"])
         print(f"radii per class (counts {result['class_counts']}): {radii}")
@@ -133,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         from trainables.pipeline import run_trial
 
-        result = run_trial(config, on_epoch=None if args.json else print_epoch, cache_dir=args.cache_dir)
+        result = run_trial(
+            config, on_epoch=None if args.json else print_epoch, cache_dir=args.cache_dir
+        )
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

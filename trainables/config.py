@@ -87,7 +87,9 @@ class TrialConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown config key {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown config key {unknown[0]!r}; accepted: {', '.join(sorted(known))}"
+            )
         method = values.get("method", "ce")
         merged = {**METHOD_DEFAULTS.get(method, {}), **values}
         config = cls(**merged)
@@ -112,9 +114,23 @@ class TrialConfig:
 
     def stage1_key(self) -> dict[str, Any]:
         """Everything stage 1's result depends on (the stage-1 cache key)."""
-        names = ("dataset", "imbalance", "profile", "protocol", "split_seed", "seed", "model",
-                 "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule",
-                 "warmup_epochs", "amp")
+        names = (
+            "dataset",
+            "imbalance",
+            "profile",
+            "protocol",
+            "split_seed",
+            "seed",
+            "model",
+            "epochs",
+            "batch_size",
+            "lr",
+            "momentum",
+            "weight_decay",
+            "schedule",
+            "warmup_epochs",
+            "amp",
+        )
         return {name: getattr(self, name) for name in names}
 
     def validate(self) -> None:
@@ -155,31 +171,76 @@ class TrialConfig:
 # What each method turns on; explicit values in the config win.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "ce": {},
-    "dro_lt": {"dro_epochs": 10, "classifier": "retrain", "cls_loss": "ce",
-               "cls_sampler": "class_balanced"},
-    "wb": {"schedule": "cosine", "weight_decay": 5e-3, "classifier": "retrain", "cls_loss": "cb",
-           "cls_weight_decay": 0.1, "maxnorm": "step"},
-    "dro_wb": {"dro_epochs": 10, "classifier": "retrain", "cls_loss": "cb",
-               "cls_weight_decay": 0.1, "maxnorm": "step"},
+    "dro_lt": {
+        "dro_epochs": 10,
+        "classifier": "retrain",
+        "cls_loss": "ce",
+        "cls_sampler": "class_balanced",
+    },
+    "wb": {
+        "schedule": "cosine",
+        "weight_decay": 5e-3,
+        "classifier": "retrain",
+        "cls_loss": "cb",
+        "cls_weight_decay": 0.1,
+        "maxnorm": "step",
+    },
+    "dro_wb": {
+        "dro_epochs": 10,
+        "classifier": "retrain",
+        "cls_loss": "cb",
+        "cls_weight_decay": 0.1,
+        "maxnorm": "step",
+    },
 }
 
 # The authors' recipes, for reproduction (methods.md 4 and 5).
 PRESETS: dict[str, dict[str, Any]] = {
     "dro_lt_paper": {
-        "method": "dro_lt", "epochs": 200, "batch_size": 128, "lr": 0.1, "weight_decay": 2e-4,
-        "schedule": "warmup_multistep", "warmup_epochs": 5,
-        "dro_epochs": 80, "dro_lr": 0.005, "dro_weight_decay": 1e-4, "dro_batch_size": 128,
-        "dro_schedule": "constant", "dro_sampler": "class_aware", "dro_combine": "sum",
-        "ce_weighting": "count", "dro_freeze_classifier": True, "radius": "learned",
-        "temperature": 1.0, "centroids": "clean",
-        "classifier": "retrain", "cls_epochs": 20, "cls_lr": 0.01, "cls_schedule": "constant",
-        "cls_sampler": "class_balanced", "cls_loss": "ce", "cls_weight_decay": 1e-4,
+        "method": "dro_lt",
+        "epochs": 200,
+        "batch_size": 128,
+        "lr": 0.1,
+        "weight_decay": 2e-4,
+        "schedule": "warmup_multistep",
+        "warmup_epochs": 5,
+        "dro_epochs": 80,
+        "dro_lr": 0.005,
+        "dro_weight_decay": 1e-4,
+        "dro_batch_size": 128,
+        "dro_schedule": "constant",
+        "dro_sampler": "class_aware",
+        "dro_combine": "sum",
+        "ce_weighting": "count",
+        "dro_freeze_classifier": True,
+        "radius": "learned",
+        "temperature": 1.0,
+        "centroids": "clean",
+        "classifier": "retrain",
+        "cls_epochs": 20,
+        "cls_lr": 0.01,
+        "cls_schedule": "constant",
+        "cls_sampler": "class_balanced",
+        "cls_loss": "ce",
+        "cls_weight_decay": 1e-4,
     },
     "wb_paper": {
-        "method": "wb", "epochs": 200, "batch_size": 64, "lr": 0.01, "weight_decay": 5e-3,
-        "schedule": "cosine", "classifier": "retrain", "cls_epochs": 10, "cls_lr": 0.01,
-        "cls_weight_decay": 0.1, "cls_batch_size": 64, "cls_schedule": "cosine",
-        "cls_loss": "cb", "cb_beta": 0.9999, "maxnorm": "step", "maxnorm_t": 0.1,
+        "method": "wb",
+        "epochs": 200,
+        "batch_size": 64,
+        "lr": 0.01,
+        "weight_decay": 5e-3,
+        "schedule": "cosine",
+        "classifier": "retrain",
+        "cls_epochs": 10,
+        "cls_lr": 0.01,
+        "cls_weight_decay": 0.1,
+        "cls_batch_size": 64,
+        "cls_schedule": "cosine",
+        "cls_loss": "cb",
+        "cb_beta": 0.9999,
+        "maxnorm": "step",
+        "maxnorm_t": 0.1,
     },
 }
 
@@ -189,11 +250,20 @@ def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
 
 
-def _range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
-           high_open: bool = False) -> None:
+def _range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
     if not ok:
         left, right = ("(" if low_open else "["), (")" if high_open else "]")
         raise ConfigError(f"{name} must be a number in {left}{low}, {high}{right}; got {value!r}")

@@ -84,8 +84,13 @@ class LTDataset:
         if sampler not in SAMPLERS:
             raise DataError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
         kwargs = dict(
-            batch_size=batch_size, device=device, augment=augment, sampler=sampler,
-            shuffle=shuffle, seed=seed, samples_per_class_draw=samples_per_class_draw,
+            batch_size=batch_size,
+            device=device,
+            augment=augment,
+            sampler=sampler,
+            shuffle=shuffle,
+            seed=seed,
+            samples_per_class_draw=samples_per_class_draw,
         )
         if self.make_loader is not None:
             return self.make_loader(self, split, num_workers=num_workers, **kwargs)
@@ -95,8 +100,13 @@ class LTDataset:
 
     def describe(self) -> dict[str, Any]:
         sizes = {split: self.split_size(split) for split in SPLITS}
-        return {"dataset": self.name, "protocol": self.protocol, "num_classes": self.num_classes,
-                "sizes": sizes, **self.info}
+        return {
+            "dataset": self.name,
+            "protocol": self.protocol,
+            "num_classes": self.num_classes,
+            "sizes": sizes,
+            **self.info,
+        }
 
 
 _REGISTRY: dict[str, Callable[..., LTDataset]] = {}

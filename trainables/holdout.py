@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainables.data import DataError
+
 
 def carve_validation(
     labels: np.ndarray,
@@ -29,7 +31,7 @@ def carve_validation(
         missing = per_class - len(val_c)
         if missing > 0:
             if missing >= len(kept_c):
-                raise ValueError(
+                raise DataError(
                     f"class {cls} has {len(kept_c)} training images; cannot give {missing} "
                     "to validation"
                 )

@@ -7,14 +7,14 @@ import numpy as np
 PROFILES = ("exp", "step")
 
 
-def long_tail_counts(n_max: int, num_classes: int, imbalance: float, profile: str = "exp") -> list[int]:
+def long_tail_counts(
+    n_max: int, num_classes: int, imbalance: float, profile: str = "exp"
+) -> list[int]:
     """Images kept per class, in label order, for the LDAM construction."""
     if imbalance <= 1:
         raise ValueError(f"imbalance factor must be > 1, got {imbalance}")
     if profile == "exp":
-        return [
-            int(n_max * (1 / imbalance) ** (i / (num_classes - 1))) for i in range(num_classes)
-        ]
+        return [int(n_max * (1 / imbalance) ** (i / (num_classes - 1))) for i in range(num_classes)]
     if profile == "step":
         half = num_classes // 2
         return [n_max] * half + [int(n_max / imbalance)] * (num_classes - half)

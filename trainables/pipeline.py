@@ -9,7 +9,6 @@ returns the full training state, which `run_trial(..., resume_state=...)` contin
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,14 +74,18 @@ class TrialRunner:
         self.cache_dir = cache_dir
         self.device = resolve_device(config.device)
         self.dataset = build_dataset(
-            config.dataset, imbalance=config.imbalance, profile=config.profile,
-            protocol=config.protocol, data_dir=config.data_dir, download=config.download,
+            config.dataset,
+            imbalance=config.imbalance,
+            profile=config.profile,
+            protocol=config.protocol,
+            data_dir=config.data_dir,
+            download=config.download,
             split_seed=config.split_seed,
         )
         self.class_counts = self.dataset.class_counts
         self.autocast = config.amp and self.device.type == "cuda"
         torch.manual_seed(config.seed)
-        in_channels = (self.dataset.splits["train"].images.shape[1] if self.dataset.in_memory else 3)
+        in_channels = self.dataset.splits["train"].images.shape[1] if self.dataset.in_memory else 3
         self.model = create_model(
             config.model or self.dataset.default_model, self.dataset.num_classes, in_channels
         ).to(self.device)
@@ -133,10 +136,15 @@ class TrialRunner:
             return F.cross_entropy(model(images), labels)
 
         return PhaseSpec(
-            name="stage1", epochs=cfg.epochs,
+            name="stage1",
+            epochs=cfg.epochs,
             param_groups=[{"params": list(model.parameters())}],
-            lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-            schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs, sampler="instance",
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            batch_size=cfg.batch_size,
+            schedule=cfg.schedule,
+            warmup_epochs=cfg.warmup_epochs,
+            sampler="instance",
             loss_fn=loss_fn,
         )
 
@@ -150,8 +158,11 @@ class TrialRunner:
 
         def train() -> dict[str, Any]:
             status = self._train_phase(0, self._stage1_spec(), None)
-            return {"status": status, "model": self.model.state_dict(),
-                    "history": list(self.history)}
+            return {
+                "status": status,
+                "model": self.model.state_dict(),
+                "history": list(self.history),
+            }
 
         payload, hit = Stage1Cache(self.cache_dir).get_or_train(self.config.stage1_key(), train)
         if hit:
@@ -168,8 +179,12 @@ class TrialRunner:
             self.history.append(replayed)
             if position < already or self.on_epoch is None:
                 continue
-            state = {"phase_index": 0, "phase_epoch": position + 1, "stage1_from_cache": True,
-                     "history": list(self.history)}
+            state = {
+                "phase_index": 0,
+                "phase_epoch": position + 1,
+                "stage1_from_cache": True,
+                "history": list(self.history),
+            }
             self.on_epoch(replayed, lambda state=state: state)
 
     def _after_stage1(self) -> None:
@@ -209,17 +224,27 @@ class TrialRunner:
             return {f"ncm_{key}": report[key] for key in ("all", "many", "medium", "few")}
 
         return PhaseSpec(
-            name="dro", epochs=cfg.dro_epochs, param_groups=groups, lr=cfg.dro_lr,
-            weight_decay=cfg.dro_weight_decay, batch_size=cfg.dro_batch_size,
-            schedule=cfg.dro_schedule, sampler=cfg.dro_sampler, loss_fn=loss_fn,
-            before_epoch=self._refresh_centroids, after_epoch=after_epoch,
+            name="dro",
+            epochs=cfg.dro_epochs,
+            param_groups=groups,
+            lr=cfg.dro_lr,
+            weight_decay=cfg.dro_weight_decay,
+            batch_size=cfg.dro_batch_size,
+            schedule=cfg.dro_schedule,
+            sampler=cfg.dro_sampler,
+            loss_fn=loss_fn,
+            before_epoch=self._refresh_centroids,
+            after_epoch=after_epoch,
         )
 
     def _centroid_batches(self, augmented: bool):
         return self.dataset.loader(
-            "train", batch_size=EVAL_BATCH_SIZE if not augmented else self.config.dro_batch_size,
-            device=self.device, augment=augmented,
-            sampler="class_aware" if augmented else "instance", shuffle=augmented,
+            "train",
+            batch_size=EVAL_BATCH_SIZE if not augmented else self.config.dro_batch_size,
+            device=self.device,
+            augment=augmented,
+            sampler="class_aware" if augmented else "instance",
+            shuffle=augmented,
             seed=self.config.seed,
         )
 
@@ -236,8 +261,11 @@ class TrialRunner:
         from trainables.centroids import compute_centroids, nearest_class_mean_predictions
 
         centroids = compute_centroids(
-            self.model, self._centroid_batches(False), self.dataset.num_classes,
-            self.model.feature_dim, self.device,
+            self.model,
+            self._centroid_batches(False),
+            self.dataset.num_classes,
+            self.model.feature_dim,
+            self.device,
         )
         _, labels, features = predict(self.model, self._eval_batches("val"), self.autocast)
         predictions = nearest_class_mean_predictions(features, centroids.float())
@@ -254,7 +282,9 @@ class TrialRunner:
 
         cfg, model = self.config, self.model
         classifier = model.classifier
-        criterion = make_classifier_loss(cfg.cls_loss, self.class_counts, cfg.cb_beta).to(self.device)
+        criterion = make_classifier_loss(cfg.cls_loss, self.class_counts, cfg.cb_beta).to(
+            self.device
+        )
 
         def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():  # frozen feature extractor, BN in eval mode (see features_frozen)
@@ -271,10 +301,15 @@ class TrialRunner:
             maxnorm_project_(classifier, radius)
 
         return PhaseSpec(
-            name="classifier", epochs=cfg.cls_epochs,
+            name="classifier",
+            epochs=cfg.cls_epochs,
             param_groups=[{"params": list(classifier.parameters())}],
-            lr=cfg.cls_lr, weight_decay=cfg.cls_weight_decay, batch_size=cfg.cls_batch_size,
-            schedule=cfg.cls_schedule, sampler=cfg.cls_sampler, loss_fn=loss_fn,
+            lr=cfg.cls_lr,
+            weight_decay=cfg.cls_weight_decay,
+            batch_size=cfg.cls_batch_size,
+            schedule=cfg.cls_schedule,
+            sampler=cfg.cls_sampler,
+            loss_fn=loss_fn,
             features_frozen=True,
             after_step=project if cfg.maxnorm == "step" else None,
             after_epoch=(lambda: (project(), {})[1]) if cfg.maxnorm == "epoch" else None,
@@ -287,10 +322,17 @@ class TrialRunner:
             spec.param_groups, lr=spec.lr, momentum=cfg.momentum, weight_decay=spec.weight_decay
         )
         batches = self.dataset.loader(
-            "train", batch_size=spec.batch_size, device=self.device, augment=True,
-            sampler=spec.sampler, shuffle=True, seed=cfg.seed * PHASE_SEED_STRIDE + index,
+            "train",
+            batch_size=spec.batch_size,
+            device=self.device,
+            augment=True,
+            sampler=spec.sampler,
+            shuffle=True,
+            seed=cfg.seed * PHASE_SEED_STRIDE + index,
         )
-        scheduler = make_scheduler(optimizer, spec.schedule, spec.epochs, len(batches), spec.warmup_epochs)
+        scheduler = make_scheduler(
+            optimizer, spec.schedule, spec.epochs, len(batches), spec.warmup_epochs
+        )
         start = 0
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
@@ -305,29 +347,53 @@ class TrialRunner:
             # frozen features: eval mode keeps BN statistics untouched
             self.model.train(not spec.features_frozen)
             lr = optimizer.param_groups[0]["lr"]
-            stats = train_epoch(batches, spec.loss_fn, optimizer, scheduler,
-                                autocast=self.autocast, after_step=spec.after_step)
+            stats = train_epoch(
+                batches,
+                spec.loss_fn,
+                optimizer,
+                scheduler,
+                autocast=self.autocast,
+                after_step=spec.after_step,
+            )
             extra = spec.after_epoch() if spec.after_epoch is not None else {}
-            metrics = self._epoch_metrics(spec.name, offset + epoch + 1, epoch + 1, stats, lr, extra)
+            metrics = self._epoch_metrics(
+                spec.name, offset + epoch + 1, epoch + 1, stats, lr, extra
+            )
             self.history.append(metrics)
             if self.on_epoch is not None:
-                self.on_epoch(metrics, self._snapshotter(index, epoch + 1, optimizer, scheduler, batches))
+                self.on_epoch(
+                    metrics, self._snapshotter(index, epoch + 1, optimizer, scheduler, batches)
+                )
             if stats.diverged:
                 return "diverged"
         return "completed"
 
-    def _epoch_metrics(self, phase: str, epoch: int, phase_epoch: int, stats: EpochStats,
-                       lr: float, extra: dict[str, Any]) -> dict[str, Any]:
+    def _epoch_metrics(
+        self,
+        phase: str,
+        epoch: int,
+        phase_epoch: int,
+        stats: EpochStats,
+        lr: float,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
         started = _now()
         val = self.evaluate("val")
         eval_seconds = _now() - started
         metrics = {
-            "epoch": epoch, "phase": phase, "phase_epoch": phase_epoch,
-            "train_loss": stats.loss, "lr": lr,
-            "val_all": val["all"], "val_many": val["many"], "val_medium": val["medium"],
+            "epoch": epoch,
+            "phase": phase,
+            "phase_epoch": phase_epoch,
+            "train_loss": stats.loss,
+            "lr": lr,
+            "val_all": val["all"],
+            "val_many": val["many"],
+            "val_medium": val["medium"],
             "val_few": val["few"],
-            "epoch_seconds": stats.seconds + eval_seconds, "train_seconds": stats.seconds,
-            "images_per_second": stats.images_per_second, "replayed": False,
+            "epoch_seconds": stats.seconds + eval_seconds,
+            "train_seconds": stats.seconds,
+            "images_per_second": stats.images_per_second,
+            "replayed": False,
             "diverged": stats.diverged,
         }
         metrics.update(extra)
@@ -380,7 +446,9 @@ class TrialRunner:
                 "centroids": self.centroids,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "loader_rng": batches.generator_state() if hasattr(batches, "generator_state") else None,
+                "loader_rng": batches.generator_state()
+                if hasattr(batches, "generator_state")
+                else None,
                 "history": list(self.history),
                 "diagnostics": dict(self.diagnostics),
             }

@@ -7,7 +7,9 @@ import math
 import torch
 
 
-def lr_factor(schedule: str, progress_epochs: float, total_epochs: int, warmup_epochs: int = 0) -> float:
+def lr_factor(
+    schedule: str, progress_epochs: float, total_epochs: int, warmup_epochs: int = 0
+) -> float:
     """Multiplier at a fractional epoch (0 <= progress_epochs < total_epochs)."""
     if schedule == "constant":
         return 1.0

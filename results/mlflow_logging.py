@@ -1,0 +1,254 @@
+"""MLflow records of sweeps: one parent run per sweep, one child run per trial.
+
+Schema (what results/leaderboard.py and users can rely on):
+
+- Tracking store: `sqlite:///<absolute path>/mlflow.db` by default (artifacts next to it in
+  `mlartifacts/`), or any `--mlflow-uri` (an `mlflow server` for clusters).
+- Experiment: the sweep's `--experiment` name; several sweeps can share one.
+- Parent run (one per sweep), name = sweep name. Tags:
+    tailtune.role=sweep, tailtune.sweep=<sweep name>, tailtune.space, tailtune.dataset,
+    tailtune.imbalance, tailtune.seed, tailtune.protocol, tailtune.status
+    (running | completed | interrupted | failed), tailtune.results_dir (Tune results).
+  Params: the sweep options (num_samples, scheduler, epochs, ...).
+  Metrics: best_val_all, best_test_all (the best completed trial), trials_<status> counts.
+- Child run (one per trial), name = Tune trial id, tag mlflow.parentRunId = the parent. Tags:
+    tailtune.role=trial, tailtune.sweep, tailtune.trial_id, tailtune.space, tailtune.dataset,
+    tailtune.imbalance, tailtune.seed, tailtune.protocol, tailtune.node_id (the Ray node that
+    ran it), tailtune.status: running while it trains, then one of
+    completed | stopped_early (ASHA or the time budget ended it) | diverged | failed.
+  Params: the full trial config (every TrialConfig field).
+  Metrics per epoch, step = epoch (1-based, global over phases): val_all, val_many, val_medium,
+    val_few, train_loss, lr, images_per_second, epoch_seconds, ncm_* (DRO phase).
+  Final metrics (step = epochs run): val_all, val_many, val_medium, val_few, test_all,
+    test_many, test_medium, test_few, epochs_run. A Many/Medium/Few group without classes has
+    no metric (missing, never 0). Only completed and diverged trials have test_* metrics.
+  Artifacts: config.json (the trial config), per_class.csv (class, train_count, group,
+    val_acc, test_acc), diagnostics.json (learned radii, classifier row norms, MaxNorm radius).
+- MLflow run status: FINISHED for completed / stopped_early / diverged, FAILED for failed,
+  KILLED for trials an interrupted sweep left unfinished (a resumed sweep reopens them).
+
+A child is found again by its tailtune.trial_id tag before one is created, so a resumed or
+retried trial continues its run instead of duplicating it; epochs already logged are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from trainables.evaluation import FEW_THRESHOLD, MANY_THRESHOLD
+
+ROLE, SWEEP, STATUS = "tailtune.role", "tailtune.sweep", "tailtune.status"
+TRIAL_ID = "tailtune.trial_id"
+PARENT = "mlflow.parentRunId"
+TRIAL_STATUSES = ("completed", "stopped_early", "diverged", "failed")
+EPOCH_METRICS = ("val_all", "val_many", "val_medium", "val_few", "train_loss", "lr",
+                 "images_per_second", "epoch_seconds", "ncm_all", "ncm_many", "ncm_medium",
+                 "ncm_few")
+GROUPS = ("all", "many", "medium", "few")
+
+
+def local_tracking_uri(folder: str | Path) -> str:
+    """The default local store: an SQLite file at an absolute path."""
+    return f"sqlite:///{Path(folder).expanduser().resolve() / 'mlflow.db'}"
+
+
+def group_of(count: int) -> str:
+    if count > MANY_THRESHOLD:
+        return "many"
+    return "few" if count < FEW_THRESHOLD else "medium"
+
+
+class SweepRecorder:
+    """Writes one sweep's parent run and its trials' child runs through an MlflowClient."""
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep_name: str,
+                 tags: Mapping[str, Any]) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment
+        self.sweep_name = sweep_name
+        self.tags = {f"tailtune.{key}": str(value) for key, value in tags.items()}
+        self.experiment_id = ""
+        self.parent_id = ""
+        self._children: dict[str, str] = {}  # trial id -> run id
+        self._logged_step: dict[str, int] = {}  # trial id -> last epoch already logged
+
+    # ---------------------------------------------------------------- sweep
+    def start(self, params: Mapping[str, Any]) -> str:
+        """Find (on resume) or create the parent run; returns its id."""
+        self.experiment_id = self._experiment_id()
+        found = self._search(f"tags.`{ROLE}` = 'sweep' AND tags.`{SWEEP}` = '{self.sweep_name}'")
+        if found:
+            self.parent_id = found[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=self.sweep_name,
+                tags={**self.tags, ROLE: "sweep", SWEEP: self.sweep_name},
+            )
+            self.parent_id = run.info.run_id
+            self.client.log_batch(self.parent_id, params=_params(params))
+        self.client.set_tag(self.parent_id, STATUS, "running")
+        return self.parent_id
+
+    def finish(self, status: str, summary: Mapping[str, float] | None = None) -> None:
+        """Close the sweep: unfinished children are marked KILLED, the parent gets `status`."""
+        for run in self._search(f"tags.`{PARENT}` = '{self.parent_id}'"):
+            if run.info.status == "RUNNING":
+                trial_id = run.data.tags.get(TRIAL_ID, "")
+                # A trial the sweep never finished: stopped before its end (budget, interrupt).
+                self.client.set_tag(run.info.run_id, STATUS, "stopped_early")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self._children.pop(trial_id, None)
+        if summary:
+            self._log_metrics(self.parent_id, summary, step=0)
+        self.client.set_tag(self.parent_id, STATUS, status)
+        run_status = {"completed": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
+        self.client.set_terminated(self.parent_id, status=run_status)
+
+    # ---------------------------------------------------------------- trials
+    def trial_run(self, trial_id: str, config: Mapping[str, Any],
+                  tags: Mapping[str, Any] | None = None) -> str:
+        """The child run of a trial: the existing one (resume, retry) or a new one."""
+        if trial_id in self._children:
+            return self._children[trial_id]
+        found = self._search(f"tags.`{PARENT}` = '{self.parent_id}' AND "
+                             f"tags.`{TRIAL_ID}` = '{trial_id}'")
+        extra = {f"tailtune.{key}": str(value) for key, value in (tags or {}).items()}
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            history = self.client.get_metric_history(run_id, "val_all")
+            self._logged_step[trial_id] = max((m.step for m in history), default=0)
+            for key, value in extra.items():
+                self.client.set_tag(run_id, key, value)
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=trial_id,
+                tags={**self.tags, **extra, ROLE: "trial", SWEEP: self.sweep_name,
+                      TRIAL_ID: trial_id, PARENT: self.parent_id},
+            )
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=_params(config))
+            self._logged_step[trial_id] = 0
+        self.client.set_tag(run_id, STATUS, "running")
+        self._children[trial_id] = run_id
+        return run_id
+
+    def log_epoch(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
+        """One epoch's metrics at step = epoch; epochs logged before a restart are skipped."""
+        run_id = self._children[trial_id]
+        step = int(metrics["epoch"])
+        if step <= self._logged_step.get(trial_id, 0):
+            return
+        self._log_metrics(run_id, {k: metrics.get(k) for k in EPOCH_METRICS}, step)
+        self._logged_step[trial_id] = step
+
+    def set_tag(self, trial_id: str, key: str, value: Any) -> None:
+        self.client.set_tag(self._children[trial_id], f"tailtune.{key}", str(value))
+
+    def finish_trial(self, trial_id: str, status: str, last: Mapping[str, Any],
+                     outcome: Mapping[str, Any] | None = None, error: str | None = None) -> None:
+        """Final metrics, artifacts and an honest status for one trial, then close its run.
+
+        `last` is the last reported epoch; `outcome` the pipeline's final result (val, test,
+        class_counts, diagnostics, config) when the trial ran to its end (or diverged).
+        """
+        if status not in TRIAL_STATUSES:
+            accepted = ", ".join(TRIAL_STATUSES)
+            raise ValueError(f"trial status must be one of {accepted}; got {status!r}")
+        run_id = self._children[trial_id]
+        step = int(last.get("epoch", 0) or 0)
+        final: dict[str, Any] = {"epochs_run": step}
+        if outcome:
+            for split in ("val", "test"):
+                final.update({f"{split}_{g}": outcome[split].get(g) for g in GROUPS})
+            self._log_artifacts(run_id, outcome)
+        else:
+            final.update({f"val_{g}": last.get(f"val_{g}") for g in GROUPS})
+        self._log_metrics(run_id, final, step)
+        if error:
+            self.client.set_tag(run_id, "tailtune.error", error[:4000])
+        self.client.set_tag(run_id, STATUS, status)
+        self.client.set_terminated(run_id, status="FAILED" if status == "failed" else "FINISHED")
+        self._children.pop(trial_id, None)
+
+    def child_runs(self) -> list[Any]:
+        return self._search(f"tags.`{PARENT}` = '{self.parent_id}'")
+
+    # ---------------------------------------------------------------- helpers
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            # Without it MLflow puts artifacts in ./mlruns of whatever folder we run from.
+            store = Path(self.tracking_uri.removeprefix("sqlite:///")).parent
+            location = (store / "mlartifacts" / self.experiment_name).as_uri()
+        try:
+            return self.client.create_experiment(self.experiment_name, artifact_location=location)
+        except Exception:  # created meanwhile by a concurrent sweep
+            found = self.client.get_experiment_by_name(self.experiment_name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _search(self, filter_string: str) -> list[Any]:
+        return list(self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                            max_results=10_000))
+
+    def _log_metrics(self, run_id: str, values: Mapping[str, Any], step: int) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step) for key, value in values.items()
+                   if _is_number(value)]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+
+    def _log_artifacts(self, run_id: str, outcome: Mapping[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="tailtune-mlflow-") as folder:
+            path = Path(folder)
+            (path / "config.json").write_text(json.dumps(outcome.get("config", {}), indent=2))
+            (path / "diagnostics.json").write_text(
+                json.dumps(outcome.get("diagnostics", {}), indent=2, default=str))
+            _write_per_class(path / "per_class.csv", outcome)
+            for name in ("config.json", "per_class.csv", "diagnostics.json"):
+                self.client.log_artifact(run_id, str(path / name))
+
+
+def _write_per_class(path: Path, outcome: Mapping[str, Any]) -> None:
+    counts: Sequence[int] = outcome.get("class_counts") or []
+    val = outcome["val"].get("per_class") or []
+    test = outcome["test"].get("per_class") or []
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "train_count", "group", "val_acc", "test_acc"])
+        for index, count in enumerate(counts):
+            writer.writerow([index, count, group_of(count),
+                             _cell(val, index), _cell(test, index)])
+
+
+def _cell(values: Sequence[Any], index: int) -> Any:
+    return values[index] if index < len(values) and values[index] is not None else ""
+
+
+def _params(values: Mapping[str, Any]) -> list[Param]:
+    return [Param(str(key), str(value)[:6000]) for key, value in sorted(values.items())]
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+__all__ = ["SweepRecorder", "TRIAL_STATUSES", "group_of", "local_tracking_uri"]

@@ -1,0 +1,57 @@
+"""Connecting to Ray and fitting trials to what the cluster has.
+
+Trials that ask for GPUs on a cluster without any would wait forever; asking for them there is
+refused up front, and the default GPU share is 0 without GPUs (the trial runs on the CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+from search.options import SweepOptions, UsageError
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    cpus: float
+    gpus: float
+    max_concurrent: int
+
+
+def connect(address: str | None) -> dict[str, float]:
+    """Start a local Ray (address None) or join a cluster; returns its total resources."""
+    import ray
+
+    # Ray's new console output ignores verbose=0; the sweep prints its own progress.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=True)
+    return dict(ray.cluster_resources())
+
+
+def fit_resources(options: SweepOptions, cluster: dict[str, float]) -> TrialResources:
+    """Per-trial CPUs/GPUs and concurrency; UsageError when the cluster cannot run a trial."""
+    cluster_cpus = cluster.get("CPU", 0.0)
+    cluster_gpus = cluster.get("GPU", 0.0)
+    if options.cpus_per_trial > cluster_cpus:
+        raise UsageError(f"--cpus-per-trial {options.cpus_per_trial:g} is more than the "
+                         f"{cluster_cpus:g} CPUs of the Ray cluster; accepted: up to {cluster_cpus:g}")
+    by_cpu = max(1, int(cluster_cpus // options.cpus_per_trial))
+    gpus = options.gpus_per_trial
+    if gpus is not None and gpus > 0 and cluster_gpus == 0:
+        raise UsageError(f"--gpus-per-trial {gpus:g} asked for, but the Ray cluster has no GPU; "
+                         "accepted here: 0 (trials run on the CPU)")
+    if gpus is not None and gpus > cluster_gpus:
+        raise UsageError(f"--gpus-per-trial {gpus:g} is more than the {cluster_gpus:g} GPUs of "
+                         f"the Ray cluster; accepted: up to {cluster_gpus:g}")
+    wanted = options.max_concurrent or min(options.num_samples, by_cpu)
+    if gpus is None:  # share the cluster's GPUs between the concurrent trials
+        gpus = 0.0 if cluster_gpus == 0 else min(1.0, cluster_gpus / wanted)
+        gpus = math.floor(gpus * 100) / 100  # Ray takes GPU shares in hundredths
+    limit = by_cpu if gpus == 0 else min(by_cpu, int(cluster_gpus // gpus))
+    return TrialResources(cpus=options.cpus_per_trial, gpus=gpus,
+                          max_concurrent=max(1, min(wanted, limit)))

@@ -1,0 +1,168 @@
+"""The single-trial pipeline on the embedded digits data: learning, phases, resume, cache, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainables.config import TrialConfig
+from trainables.models import create_model
+from trainables.pipeline import TrialRunner, run_trial
+
+TINY = {"epochs": 4, "batch_size": 128, "dro_epochs": 2, "cls_epochs": 2}
+
+
+def _roundtrip(state: dict) -> dict:
+    """What a checkpoint on disk gives back: torch.save then a weights-only load."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_resnet32_matches_the_ldam_definition():
+    model = create_model("resnet32", 100)
+    params = sum(p.numel() for p in model.parameters())
+    assert 0.45e6 < params < 0.48e6
+    images = torch.randn(3, 3, 32, 32)
+    features = model.features(images)
+    assert features.shape == (3, 64)
+    assert model(images).shape == (3, 100)
+    assert torch.allclose(model.classifier(features), model(images))
+    blocks_per_stage = sum(1 for name, _ in model.named_children() if name == "layers")
+    assert blocks_per_stage == 1 and len(model.layers) == 15
+
+
+def test_single_trial_command_learns_digits_and_prints_groups():
+    done = subprocess.run(
+        [sys.executable, "-m", "trainables.pipeline", "--dataset", "digits_lt", "--epochs", "20"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("[stage1") for line in lines) == 20
+    header = next(line for line in lines if line.startswith("split"))
+    assert header.split() == ["split", "all", "many", "medium", "few"]
+    val = next(line for line in lines if line.startswith("val ")).split()
+    # chance is 10%; measured 0.83-0.88 after 20-30 epochs on this machine
+    assert float(val[1]) >= 60.0
+    assert all(float(value) >= 0 for value in val[2:])
+
+
+def test_json_output_carries_groups_and_per_class():
+    done = subprocess.run(
+        [sys.executable, "-m", "trainables.pipeline", "--epochs", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "completed"
+    assert set(result["test"]) >= {"all", "many", "medium", "few", "per_class"}
+    assert len(result["test"]["per_class"]) == 10
+    assert result["class_counts"][0] == 110 and result["class_counts"][-1] == 11
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--imbalance", "1"], "imbalance"),
+        (["--method", "magic"], "method must be one of"),
+        (["--lam", "1.5"], "lam must be a number in [0, 1]"),
+        (["--dataset", "cifar100_lt", "--data-dir", "/nonexistent/tailtune"], "--download"),
+        (["--maxnorm", "big"], "--maxnorm"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, needle):
+    done = subprocess.run(
+        [sys.executable, "-m", "trainables.pipeline", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert needle in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stdout == ""
+
+
+def test_resume_from_a_snapshot_reproduces_the_uninterrupted_run():
+    config = {"method": "dro_wb", "radius": "learned", **TINY}
+    snapshots: dict[int, dict] = {}
+
+    def keep(metrics, snapshot):
+        snapshots[metrics["epoch"]] = _roundtrip(snapshot())
+
+    full = run_trial(config, on_epoch=keep)
+    # resume inside the DRO phase (epoch 5 of 4 + 2 + 2) and inside the classifier phase
+    for epoch in (5, 7):
+        resumed_epochs: list[int] = []
+        resumed = run_trial(
+            config,
+            on_epoch=lambda metrics, _s: resumed_epochs.append(metrics["epoch"]),
+            resume_state=snapshots[epoch],
+        )
+        assert resumed_epochs == list(range(epoch + 1, 9))
+        assert resumed["epochs_run"] == full["epochs_run"] == 8
+        assert resumed["test"]["per_class"] == full["test"]["per_class"]
+        assert resumed["diagnostics"]["radii"] == pytest.approx(full["diagnostics"]["radii"])
+
+
+def test_a_non_finite_loss_stops_the_run_as_diverged():
+    seen = []
+    result = run_trial({"epochs": 5, "lr": 1e8}, on_epoch=lambda m, _s: seen.append(m))
+    assert result["status"] == "diverged"
+    assert seen[-1]["diverged"] is True
+    assert result["epochs_run"] < 5
+
+
+def test_second_trial_with_same_stage1_reuses_the_cache(tmp_path):
+    first_epochs, second_epochs = [], []
+    base = {"method": "dro_lt", **TINY}
+    first = run_trial(
+        {**base, "lam": 0.3}, lambda m, _s: first_epochs.append(m), cache_dir=str(tmp_path)
+    )
+    second = run_trial(
+        {**base, "lam": 0.7}, lambda m, _s: second_epochs.append(m), cache_dir=str(tmp_path)
+    )
+    stage1_first = [m for m in first_epochs if m["phase"] == "stage1"]
+    stage1_second = [m for m in second_epochs if m["phase"] == "stage1"]
+    assert not any(m["replayed"] for m in stage1_first)
+    assert len(stage1_second) == 4 and all(m["replayed"] for m in stage1_second)
+    assert [m["val_all"] for m in stage1_second] == [m["val_all"] for m in stage1_first]
+    assert (
+        first["diagnostics"]["weight_norms"]["stage1"]
+        == second["diagnostics"]["weight_norms"]["stage1"]
+    )
+    # the DRO phase really ran with the other lambda
+    assert [m["epoch"] for m in second_epochs] == list(range(1, 9))
+    assert not any(m["replayed"] for m in second_epochs if m["phase"] != "stage1")
+
+
+def test_classifier_phase_keeps_features_and_bn_statistics():
+    config = TrialConfig.from_dict({"method": "wb", "epochs": 3, "cls_epochs": 3})
+    after_stage1 = {}
+
+    def keep(metrics, snapshot):
+        if metrics["phase"] == "stage1" and metrics["phase_epoch"] == 3:
+            after_stage1.update(_roundtrip(snapshot())["model"])
+
+    runner = TrialRunner(config, on_epoch=keep)
+    result = runner.run()
+    final = runner.model.state_dict()
+    for name, tensor in after_stage1.items():
+        if name.startswith("classifier."):
+            continue
+        assert torch.equal(final[name].cpu(), tensor), name
+    assert not torch.equal(final["classifier.weight"].cpu(), after_stage1["classifier.weight"])
+    radius = result["diagnostics"]["maxnorm_radius"]
+    assert max(result["diagnostics"]["weight_norms"]["final"]) <= radius + 1e-5

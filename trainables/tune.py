@@ -1,0 +1,143 @@
+"""The Ray Tune adapter: the pipeline as a Tune function trainable. The only Tune import here.
+
+Per epoch it reports the pipeline's metrics (the objective `val_all`, Many/Medium/Few, loss, lr,
+images/s, the phase) plus:
+- `method_epoch`: epochs since every searched dimension has acted (0 before). ASHA counts its
+  rungs on it, so no trial is stopped before its method has acted, and every trial at a rung is
+  at the same epoch of the same phase (comparable metrics).
+- `total_epochs`, `node_id` (the Ray node running the trial), `final`, `diverged`.
+
+The last epoch is reported after the pipeline returns, together with the test accuracy and the
+`outcome` (val/test reports with per-class accuracy, class counts, diagnostics, config), so the
+driver sees each trial's end in one result. Live epochs are checkpointed (`snapshot()` saved with
+torch.save); a restored or retried trial resumes from its latest checkpoint. Epochs replayed from
+the stage-1 cache are not checkpointed: a restart replays them again at no cost.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_FILE = "trial_state.pt"
+# Pipeline metrics passed on to Tune each epoch (the rest of its dict stays in the trial).
+REPORTED = ("epoch", "phase", "phase_epoch", "train_loss", "lr", "val_all", "val_many",
+            "val_medium", "val_few", "epoch_seconds", "train_seconds", "images_per_second",
+            "replayed", "diverged", "ncm_all", "ncm_many", "ncm_medium", "ncm_few")
+
+
+@dataclass(frozen=True)
+class TrialRuntime:
+    """Sweep-level settings every trial of a sweep shares (not hyperparameters)."""
+
+    cache_dir: str | None = None  # stage-1 cache shared by the sweep's trials
+    rung_offset: int = 0  # epochs before ASHA may judge (see spaces.core.Space.rung_offset)
+    checkpoint_every: int = 1  # checkpoint every n-th live epoch
+
+
+def trial_status(result: Mapping[str, Any] | None, error: bool = False) -> str:
+    """A trial's honest end state from its last result: completed, stopped_early, diverged or
+    failed. A trial whose last result is not the final one was stopped (by ASHA, the time
+    budget or an interrupt) before its end."""
+    if error or not result:
+        return "failed"
+    if result.get("diverged"):
+        return "diverged"
+    return "completed" if result.get("final") else "stopped_early"
+
+
+class EpochReporter:
+    """Turns the pipeline's on_epoch calls into Tune reports (see the module docstring)."""
+
+    def __init__(self, total_epochs: int, runtime: TrialRuntime, node_id: str,
+                 report: Callable[..., None], make_checkpoint: Callable[[Path], Any]) -> None:
+        self.total_epochs = total_epochs
+        self.runtime = runtime
+        self.node_id = node_id
+        self._report = report
+        self._make_checkpoint = make_checkpoint
+        self.pending: dict[str, Any] | None = None  # the last epoch, reported by finish()
+
+    def on_epoch(self, metrics: dict[str, Any], snapshot: Callable[[], dict[str, Any]]) -> None:
+        result = self._result(metrics)
+        if result["epoch"] >= self.total_epochs or result["diverged"]:
+            self.pending = result  # reported with the outcome once run_trial returns
+            return
+        live_epoch = not result["replayed"]
+        if live_epoch and result["epoch"] % self.runtime.checkpoint_every == 0:
+            import torch
+
+            with tempfile.TemporaryDirectory(prefix="tailtune-ckpt-") as folder:
+                torch.save(snapshot(), Path(folder) / CHECKPOINT_FILE)
+                # report() persists the checkpoint to the Tune storage before it returns
+                self._report(result, checkpoint=self._make_checkpoint(Path(folder)))
+        else:
+            self._report(result)
+
+    def finish(self, outcome: dict[str, Any]) -> None:
+        last = self.pending
+        if last is None:  # the pipeline reported nothing for its last epoch: use its history
+            last = self._result(outcome["history"][-1]) if outcome["history"] else {
+                "epoch": outcome["epochs_run"], "method_epoch": 0, "node_id": self.node_id}
+        final = {
+            **last,
+            "final": outcome["status"] == "completed",
+            "diverged": outcome["status"] == "diverged",
+            "device": outcome["device"],
+            "protocol": outcome["protocol"],
+            **{f"val_{g}": outcome["val"][g] for g in ("all", "many", "medium", "few")},
+            **{f"test_{g}": outcome["test"][g] for g in ("all", "many", "medium", "few")},
+            "outcome": {key: outcome[key] for key in
+                        ("status", "val", "test", "class_counts", "diagnostics", "config",
+                         "protocol", "device", "epochs_run")},
+        }
+        self._report(final)
+
+    def _result(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        result = {key: metrics.get(key) for key in REPORTED if key in metrics}
+        result["replayed"] = bool(metrics.get("replayed", False))
+        loss = metrics.get("train_loss")
+        result["diverged"] = bool(metrics.get("diverged")) or (
+            isinstance(loss, float) and not math.isfinite(loss))
+        result["method_epoch"] = max(0, int(metrics["epoch"]) - self.runtime.rung_offset)
+        result["total_epochs"] = self.total_epochs
+        result["node_id"] = self.node_id
+        result["final"] = False
+        return result
+
+
+def load_checkpoint(checkpoint: Any) -> dict[str, Any] | None:
+    """The pipeline state saved in a Tune checkpoint, or None."""
+    if checkpoint is None:
+        return None
+    import torch
+
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> None:
+    """Ray Tune function trainable: one pipeline run for `config["trial"]` (a TrialConfig dict)."""
+    import ray
+    import torch
+    from ray import tune
+
+    from trainables.config import TrialConfig
+    from trainables.pipeline import run_trial
+
+    runtime = runtime or TrialRuntime()
+    trial = TrialConfig.from_dict(config["trial"])
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))  # one trial per core on a shared machine
+    reporter = EpochReporter(
+        trial.total_epochs, runtime, ray.get_runtime_context().get_node_id(),
+        report=tune.report, make_checkpoint=lambda p: tune.Checkpoint.from_directory(str(p)),
+    )
+    resume = load_checkpoint(tune.get_checkpoint())
+    outcome = run_trial(trial, reporter.on_epoch, resume_state=resume, cache_dir=runtime.cache_dir)
+    reporter.finish(outcome)
