@@ -1,4 +1,4 @@
-"""The single-trial pipeline on the embedded digits data: learning, phases, resume, cache, errors."""
+"""The single-trial pipeline on embedded digits: learning, phases, resume, cache, errors."""
 
 from __future__ import annotations
 
@@ -106,9 +106,13 @@ def test_resume_from_a_snapshot_reproduces_the_uninterrupted_run():
     # resume inside the DRO phase (epoch 5 of 4 + 2 + 2) and inside the classifier phase
     for epoch in (5, 7):
         resumed_epochs: list[int] = []
+
+        def record(metrics, _snapshot, into=resumed_epochs):
+            into.append(metrics["epoch"])
+
         resumed = run_trial(
             config,
-            on_epoch=lambda metrics, _s: resumed_epochs.append(metrics["epoch"]),
+            on_epoch=record,
             resume_state=snapshots[epoch],
         )
         assert resumed_epochs == list(range(epoch + 1, 9))

@@ -79,7 +79,8 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
                 values["maxnorm_t"] = float(args.maxnorm)
             except ValueError:
                 raise ConfigError(
-                    f"--maxnorm must be a number (relative radius t) or off/step/epoch; got {args.maxnorm!r}"
+                    "--maxnorm must be a number (relative radius t) or off/step/epoch; "
+                    f"got {args.maxnorm!r}"
                 ) from None
             values["maxnorm"] = "step"
     dataset = values.get("dataset", "digits_lt")
@@ -96,7 +97,8 @@ def print_epoch(metrics: dict[str, Any], _snapshot: Any) -> None:
     tag = " (cached)" if metrics.get("replayed") else ""
     line = (
         f"[{metrics['phase']:<10} {metrics['phase_epoch']:>3}] epoch {metrics['epoch']:>3}  "
-        f"loss {metrics['train_loss']:.4f}  lr {metrics['lr']:.4g}  val all {_fmt(metrics['val_all'])}"
+        f"loss {metrics['train_loss']:.4f}  lr {metrics['lr']:.4g}"
+        f"  val all {_fmt(metrics['val_all'])}"
         f"  many {_fmt(metrics['val_many'])}  med {_fmt(metrics['val_medium'])}"
         f"  few {_fmt(metrics['val_few'])}  {metrics['images_per_second']:.0f} img/s{tag}"
     )

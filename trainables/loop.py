@@ -1,4 +1,4 @@
-"""One training epoch, shared by every phase: the phase supplies the loss and what runs after a step."""
+"""One training epoch, shared by every phase: the phase gives the loss and what runs after a step."""
 
 from __future__ import annotations
 

@@ -257,7 +257,7 @@ class TrialRunner:
         )
 
     def _nearest_class_mean_report(self) -> dict[str, Any]:
-        """Representation quality: classify validation features by the nearest training class mean."""
+        """Representation quality: validation features classified by the nearest class mean."""
         from trainables.centroids import compute_centroids, nearest_class_mean_predictions
 
         centroids = compute_centroids(
