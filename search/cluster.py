@@ -39,7 +39,8 @@ def fit_resources(options: SweepOptions, cluster: dict[str, float]) -> TrialReso
     cluster_gpus = cluster.get("GPU", 0.0)
     if options.cpus_per_trial > cluster_cpus:
         raise UsageError(f"--cpus-per-trial {options.cpus_per_trial:g} is more than the "
-                         f"{cluster_cpus:g} CPUs of the Ray cluster; accepted: up to {cluster_cpus:g}")
+                         f"{cluster_cpus:g} CPUs of the Ray cluster; "
+                         f"accepted: up to {cluster_cpus:g}")
     by_cpu = max(1, int(cluster_cpus // options.cpus_per_trial))
     gpus = options.gpus_per_trial
     if gpus is not None and gpus > 0 and cluster_gpus == 0:

@@ -154,7 +154,8 @@ def validate(options: SweepOptions) -> None:
         raise UsageError(f"--reduction-factor must be a number > 1; "
                          f"got {options.reduction_factor:g}")
     gpus = options.gpus_per_trial
-    if gpus is not None and not (math.isfinite(gpus) and 0 <= gpus and (gpus <= 1 or gpus.is_integer())):
+    shareable = gpus is not None and math.isfinite(gpus) and (gpus <= 1 or gpus.is_integer())
+    if gpus is not None and not (shareable and gpus >= 0):
         raise UsageError(f"--gpus-per-trial must be 0, a fraction in (0, 1] or a whole number; "
                          f"got {gpus:g}")
     options.storage = str(Path(options.storage).expanduser().resolve())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -59,22 +60,22 @@ class StatusOptunaSearch(OptunaSearch):
             log.warning("could not record trial %s in the Optuna study: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
 
-    def close_unfinished(self) -> int:
-        """Tell PRUNED every trial of this sweep still running in the study (the time budget
-        ended them); returns how many. Not for an interrupted sweep that will be resumed."""
-        closed = 0
-        for trial_id, ot_trial in self._ot_trials.items():
-            if trial_id in self._completed_trials:
-                continue
-            try:
-                ot_trial.set_user_attr("tailtune_status", "stopped_early")
-                self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
-                closed += 1
-            except Exception as exc:
-                log.warning("could not close trial %s in the Optuna study: %s", trial_id, exc)
-            self._completed_trials.add(trial_id)
-        return closed
-
     @property
     def study(self) -> Any:
         return self._ot_study
+
+
+def close_unfinished(storage_url: str, study_name: str) -> int:
+    """Tell PRUNED every trial of the study still RUNNING; returns how many.
+
+    For a sweep that ended with trials unfinished (the time budget stopped them), not for an
+    interrupted one that --resume will continue: those trials must stay open.
+    """
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    closed = 0
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # Optuna has no public setter for a trial known only by number; the storage call is it.
+        study._storage.set_trial_user_attr(frozen._trial_id, "tailtune_status", "stopped_early")
+        study.tell(frozen.number, state=TrialState.PRUNED)
+        closed += 1
+    return closed

@@ -2,9 +2,9 @@
 
 Why namespaces: Ray on Linux binds to the machine's outward interface, and the loopback-only
 setting tests use for single-node runs (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) refuses a
-second node. Here every node gets its own namespace with its own address on a private /24,
-joined by veth pairs to a bridge in the head namespace, so the nodes talk to each other and to
-nothing else on the machine.
+second node. Here every node gets its own namespace with its own address on a random private
+/24, each worker joined to the head namespace by a veth pair (through a bridge there when
+there are several workers), so the nodes talk to each other and to nothing else.
 
 Every process is started by this module and stopped by it, by process id: never ``ray stop``,
 which would end every Ray process on the machine. Needs root and iproute2's ``ip``.
@@ -12,7 +12,12 @@ which would end every Ray process on the machine. Needs root and iproute2's ``ip
 Usage::
 
     with ray_netns_cluster(num_nodes=2) as cluster:
-        cluster.run_in_head([cluster.python, "driver.py", "--address", cluster.head_address])
+        done = cluster.run_in_head([cluster.python, "search/run.py", "--address", "auto", ...])
+        ips_by_node_id = cluster.alive_nodes()
+
+Drivers run inside the head namespace (`run_in_head`, `popen_in_head`) with `cluster.env`,
+which names the head in RAY_ADDRESS, so `--address auto` and `--address cluster.head_address`
+both reach this cluster and no other.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
+VENV_BIN = Path(sys.executable).parent  # the venv running the tests has `ray` beside python
+RAY_BIN = str(VENV_BIN / "ray") if (VENV_BIN / "ray").exists() else (shutil.which("ray") or "ray")
 HEAD_PORT = 6379
 READY_LINE = "Ray runtime started."
 LOG_TAIL_CHARS = 3000
@@ -269,7 +275,7 @@ def _make_network(nodes: list[_Node]) -> None:
 def _start_node(node: _Node, ray_args: list[str], env: dict[str, str]) -> None:
     with open(node.log, "ab") as out:
         node.proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.namespace, str(VENV_BIN / "ray"), "start", *ray_args],
+            ["ip", "netns", "exec", node.namespace, RAY_BIN, "start", *ray_args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -93,6 +93,12 @@ def test_two_nodes_run_tasks_and_teardown_leaves_nothing(tmp_path: Path) -> None
         assert len(started) > 2  # gcs, raylets, workers: not only the two `ray start`s
         namespaces = cluster.namespaces
 
+        # A crashed worker (as a fault-tolerance test makes one) leaves nothing in its namespace,
+        # and teardown copes with a node that is already gone.
+        cluster.kill_node(1)
+        assert namespace_pids(namespaces[1]) == []
+        assert namespace_pids(namespaces[0]) != []
+
     assert not set(namespaces) & list_namespaces()
     assert [pid for pid in started if pid_alive(pid)] == []
     assert all(node.proc.returncode is not None for node in cluster.nodes)

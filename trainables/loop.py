@@ -1,4 +1,4 @@
-"""One training epoch, shared by every phase: the phase gives the loss and what runs after a step."""
+"""One training epoch, shared by all phases: the phase gives the loss and the after-step hook."""
 
 from __future__ import annotations
 

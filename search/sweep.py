@@ -1,0 +1,183 @@
+"""One sweep: plan it (validation, no side effects), then run it with Ray Tune.
+
+Results folder (absolute; --storage, default ./tailtune_runs):
+    <storage>/mlflow.db, mlartifacts/   the MLflow store shared by sweeps (default)
+    <storage>/stage1_cache/             stage-1 models shared by trials (and sweeps) with one
+                                        stage-1 configuration
+    <storage>/<sweep>/sweep.json        the options, read back by --resume
+    <storage>/<sweep>/optuna.db         the Optuna study, named after the sweep
+    <storage>/<sweep>/tune/             the Tune experiment (Tuner.restore reads it)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search.options import SweepOptions
+from search.scheduler import METRIC, MODE, make_scheduler
+from spaces import Sampler, Space, fixed_settings, get_space
+
+TUNE_FOLDER = "tune"
+
+
+@dataclass
+class SweepPlan:
+    options: SweepOptions
+    space: Space
+    fixed: dict[str, Any]  # settings every trial shares (TrialConfig fields)
+    total_epochs: int
+    rung_offset: int
+    rungs: list[int]
+    dataset: dict[str, Any]  # the dataset's description (sizes, imbalance, protocol)
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.options.sweep_dir
+
+    @property
+    def tracking_uri(self) -> str:
+        from results.mlflow_logging import local_tracking_uri
+
+        return self.options.mlflow_uri or local_tracking_uri(self.options.storage)
+
+    @property
+    def optuna_url(self) -> str:
+        return f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+
+    @property
+    def tags(self) -> dict[str, Any]:
+        o = self.options
+        return {"space": o.space, "dataset": o.dataset, "seed": o.seed,
+                "imbalance": self.dataset.get("imbalance", o.imbalance),
+                "protocol": self.dataset["protocol"], "method": self.space.method,
+                "results_dir": str(self.sweep_dir / TUNE_FOLDER)}
+
+
+@dataclass
+class SweepOutcome:
+    status: str  # completed | interrupted | failed
+    results: Any  # Tune ResultGrid
+    wall_seconds: float
+    parent_run_id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_sweep(options: SweepOptions) -> SweepPlan:
+    """Everything the sweep needs, checked; raises a ValueError subclass on bad input.
+
+    Builds the dataset once (names, files, imbalance) so a bad one fails here, not in every
+    trial, and before any folder or MLflow run exists.
+    """
+    from trainables.config import TrialConfig
+    from trainables.data import build_dataset
+
+    space = get_space(options.space)
+    fixed = fixed_settings(space, options.dataset, options.epochs)
+    fixed.update(imbalance=options.imbalance, protocol=options.protocol,
+                 data_dir=options.data_dir, download=options.download, seed=options.seed)
+    config = TrialConfig.from_dict(space.to_config({}, fixed))
+    dataset = build_dataset(options.dataset, imbalance=options.imbalance,
+                            protocol=options.protocol, data_dir=options.data_dir,
+                            download=options.download, split_seed=config.split_seed)
+    description = dataset.describe()
+    rung_offset = space.rung_offset(config.to_dict())
+    _, rungs = make_scheduler(options.scheduler, rung_offset=rung_offset,
+                              total_epochs=config.total_epochs,
+                              grace_period=options.grace_period,
+                              reduction_factor=options.reduction_factor)
+    return SweepPlan(options, space, fixed, config.total_epochs, rung_offset, rungs, description)
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(plan: SweepPlan, resources: Any) -> Any:
+    """A new Tuner, or the restored one for --resume."""
+    import optuna
+    from ray import tune
+
+    from search.callbacks import MlflowSweepCallback, ProgressCallback
+    from search.optuna_search import StatusOptunaSearch
+    from trainables.tune import TrialRuntime, train_trial
+
+    options = plan.options
+    runtime = TrialRuntime(cache_dir=str(Path(options.storage) / "stage1_cache"),
+                           rung_offset=plan.rung_offset)
+    trainable = tune.with_resources(tune.with_parameters(train_trial, runtime=runtime),
+                                    {"cpu": resources.cpus, "gpu": resources.gpus})
+    tune_dir = plan.sweep_dir / TUNE_FOLDER
+    if options.resume and tune.Tuner.can_restore(str(tune_dir)):
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    scheduler, _ = make_scheduler(options.scheduler, rung_offset=plan.rung_offset,
+                                  total_epochs=plan.total_epochs,
+                                  grace_period=options.grace_period,
+                                  reduction_factor=options.reduction_factor)
+    searcher = StatusOptunaSearch(
+        Sampler(options.space, plan.fixed), metric=METRIC, mode=MODE, seed=options.seed,
+        study_name=options.name, storage=optuna.storages.RDBStorage(plan.optuna_url),
+    )
+    params = {k: v for k, v in vars(options).items() if k not in ("resume",)}
+    callbacks = [
+        MlflowSweepCallback(plan.tracking_uri, options.experiment, str(options.name), plan.tags,
+                            params),
+        ProgressCallback(options.num_samples),
+    ]
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=options.num_samples,
+            max_concurrent_trials=resources.max_concurrent, reuse_actors=True,
+            time_budget_s=options.time_budget, trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_FOLDER, storage_path=str(plan.sweep_dir), callbacks=callbacks, verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+        ),
+    )
+
+
+def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
+    """Create the results folder and MLflow parent run, run the trials, close the records."""
+    import optuna
+
+    from results.mlflow_logging import SweepRecorder
+    from search.optuna_search import close_unfinished
+    from search.summary import best_completed, rows_from_results
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    options = plan.options
+    started = time.monotonic()
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not options.resume:
+        options.save()
+    recorder = SweepRecorder(plan.tracking_uri, options.experiment, str(options.name), plan.tags)
+    params = {k: v for k, v in vars(options).items() if k not in ("resume",)}
+    parent = recorder.start(params)  # fails here, not mid-sweep, if MLflow is unreachable
+    status, results = "failed", None
+    try:
+        results = build_tuner(plan, resources).fit()
+        all_ended = (len(results) == options.num_samples
+                     and results.num_terminated + results.num_errors == len(results))
+        budget_spent = (options.time_budget is not None
+                        and time.monotonic() - started >= options.time_budget)
+        status = "completed" if all_ended or budget_spent else "interrupted"
+        if status == "completed":
+            close_unfinished(plan.optuna_url, str(options.name))
+    finally:
+        summary: dict[str, float] = {}
+        if results is not None:
+            rows = rows_from_results(results)
+            best = best_completed(rows)
+            if best is not None:
+                summary.update({"best_val_all": best.val["all"], "best_test_all": best.test["all"]})
+            for name in ("completed", "stopped_early", "diverged", "failed"):
+                summary[f"trials_{name}"] = sum(row.status == name for row in rows)
+        recorder.finish(status, summary)
+    return SweepOutcome(status, results, time.monotonic() - started, parent)
+
