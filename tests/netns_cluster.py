@@ -130,7 +130,7 @@ def list_namespaces() -> set[str]:
 
 
 @dataclass
-class _Node:
+class ClusterNode:
     name: str  # "head" or "worker1", ...
     namespace: str
     ip: str
@@ -143,7 +143,7 @@ class NetnsCluster:
     """A running cluster. Addresses are only reachable from inside its namespaces."""
 
     head_address: str
-    nodes: list[_Node]
+    nodes: list[ClusterNode]
     root: Path
     env: dict[str, str]  # what a driver needs: auth mode (and token path), RAY_ADDRESS
     python: str = str(VENV_BIN / "python")
@@ -244,7 +244,7 @@ class NetnsCluster:
         return json.loads(lines[-1].removeprefix("NODES="))
 
 
-def _make_network(nodes: list[_Node]) -> None:
+def _make_network(nodes: list[ClusterNode]) -> None:
     """Namespaces with `lo` up, and one veth pair from each worker into the head namespace.
 
     Two nodes need nothing more: the head end of the pair carries the head's address. With
@@ -272,7 +272,7 @@ def _make_network(nodes: list[_Node]) -> None:
     _in_ns(head.namespace, "link", "set", head_dev, "up")
 
 
-def _start_node(node: _Node, ray_args: list[str], env: dict[str, str]) -> None:
+def _start_node(node: ClusterNode, ray_args: list[str], env: dict[str, str]) -> None:
     with open(node.log, "ab") as out:
         node.proc = subprocess.Popen(
             ["ip", "netns", "exec", node.namespace, RAY_BIN, "start", *ray_args],
@@ -284,7 +284,7 @@ def _start_node(node: _Node, ray_args: list[str], env: dict[str, str]) -> None:
         )
 
 
-def _wait_ready(nodes: list[_Node], timeout: float) -> None:
+def _wait_ready(nodes: list[ClusterNode], timeout: float) -> None:
     """Wait until each node's `ray start` says it started; fail fast if one exits."""
     deadline = time.monotonic() + timeout
     pending = list(nodes)
@@ -311,7 +311,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _stop(nodes: list[_Node], extra: list[subprocess.Popen], grace: float) -> None:
+def _stop(nodes: list[ClusterNode], extra: list[subprocess.Popen], grace: float) -> None:
     """SIGTERM every group we started, SIGKILL after `grace`, then whatever is left inside."""
     procs = [p for p in extra if p is not None] + [n.proc for n in reversed(nodes) if n.proc]
     for proc in procs:
@@ -342,7 +342,7 @@ def _kill_namespace(ns: str) -> None:
         time.sleep(0.1)
 
 
-def _delete_network(nodes: list[_Node]) -> None:
+def _delete_network(nodes: list[ClusterNode]) -> None:
     """Delete the namespaces; the veths and the bridge go with them."""
     existing = list_namespaces()
     for node in nodes:
@@ -356,7 +356,7 @@ def _plan(num_nodes: int, auth: str) -> tuple[NetnsCluster, dict[str, str]]:
     subnet = f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}"
     root = Path(tempfile.mkdtemp(prefix=f"ttrc-{tag}-", dir="/tmp"))  # short: socket paths
     nodes = [
-        _Node(
+        ClusterNode(
             name="head" if i == 0 else f"worker{i}",
             namespace=f"ttray-{tag}-n{i}",
             ip=f"{subnet}.{i + 1}",

@@ -54,10 +54,21 @@ class LTDataset:
     info: dict[str, Any] = field(default_factory=dict)
     # set by list-file datasets: builds a DataLoader-backed batch iterable
     make_loader: Callable[..., Iterable] | None = None
+    _device_copies: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def in_memory(self) -> bool:
         return self.make_loader is None
+
+    def on_device(self, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of an in-memory split on `device`, copied there once."""
+        key = (split, str(device))
+        if key not in self._device_copies:
+            data = self.splits[split]
+            self._device_copies[key] = (data.images.to(device), data.labels.to(device))
+        return self._device_copies[key]
 
     def split_size(self, split: str) -> int:
         return len(self.splits[split])

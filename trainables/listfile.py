@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from trainables.data import DataError, LTDataset, register_dataset
+from trainables.sampling import epoch_order
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -244,24 +245,6 @@ class ImageListDataset(torch.utils.data.Dataset):
         except OSError as err:
             raise DataError(f"cannot read image {path}: {err}") from err
         return self.transform(rgb), int(self.split.labels[index])
-
-
-def epoch_order(labels: torch.Tensor, sampler: str, shuffle: bool, per_draw: int,
-                generator: torch.Generator) -> torch.Tensor:
-    """Sample indices for one epoch (as many as the split has), as DeviceLoader draws them."""
-    n = labels.numel()
-    if sampler == "instance":
-        return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    per_draw = 1 if sampler == "class_balanced" else per_draw
-    counts = torch.bincount(labels)
-    by_class = torch.argsort(labels, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    present = torch.nonzero(counts > 0).flatten()
-    draws = -(-n // per_draw)
-    classes = present[torch.randint(len(present), (draws,), generator=generator)]
-    classes = classes.repeat_interleave(per_draw)
-    within = (torch.rand(classes.shape, generator=generator) * counts[classes]).long()
-    return by_class[starts[classes] + within][:n]
 
 
 class _EpochSampler(torch.utils.data.Sampler):

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from trainables.data import LTDataset
+from trainables.sampling import epoch_order
 
 
 class DeviceLoader:
@@ -29,9 +30,7 @@ class DeviceLoader:
         seed: int = 0,
         samples_per_class_draw: int = 4,
     ) -> None:
-        data = dataset.splits[split]
-        self.images = data.images.to(device)
-        self.labels = data.labels.to(device)
+        self.images, self.labels = dataset.on_device(split, device)
         self.batch_size = batch_size
         self.device = device
         self.augment = augment
@@ -45,12 +44,6 @@ class DeviceLoader:
         self.std = torch.tensor(dataset.std, device=device).view(1, channels, 1, 1) * 255
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        self.num_classes = dataset.num_classes
-        # members of each class, contiguous, for index-only class-balanced draws
-        self._by_class = torch.argsort(self.labels, stable=True)
-        counts = torch.bincount(self.labels, minlength=self.num_classes)
-        self._class_counts = counts
-        self._class_starts = torch.cumsum(counts, 0) - counts
 
     def __len__(self) -> int:
         return -(-self.labels.numel() // self.batch_size)
@@ -67,19 +60,9 @@ class DeviceLoader:
 
     def epoch_order(self) -> torch.Tensor:
         """Sample indices for one epoch (same length as the split)."""
-        n = self.labels.numel()
-        if self.sampler == "instance":
-            if not self.shuffle:
-                return torch.arange(n, device=self.device)
-            return torch.randperm(n, device=self.device, generator=self.generator)
-        per_draw = 1 if self.sampler == "class_balanced" else self.samples_per_class_draw
-        present = torch.nonzero(self._class_counts > 0).flatten()
-        draws = -(-n // per_draw)
-        pick = torch.randint(len(present), (draws,), device=self.device, generator=self.generator)
-        classes = present[pick].repeat_interleave(per_draw)
-        offsets = torch.rand(classes.shape, device=self.device, generator=self.generator)
-        within = (offsets * self._class_counts[classes]).long()
-        return self._by_class[self._class_starts[classes] + within][:n]
+        return epoch_order(
+            self.labels, self.sampler, self.shuffle, self.samples_per_class_draw, self.generator
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.epoch_order()

@@ -1,0 +1,52 @@
+"""What the sweep prints before it starts and after it ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.summary import best_line, leaderboard, rows_from_results
+from search.sweep import TUNE_FOLDER, SweepOutcome, SweepPlan
+
+
+def header(plan: SweepPlan, resources: Any) -> str:
+    o, d = plan.options, plan.dataset
+    sizes = d.get("sizes", {})
+    split = "/".join(str(sizes.get(s, "?")) for s in ("train", "val", "test"))
+    imbalance = d.get("imbalance", o.imbalance)
+    protocol = d["protocol"] + (" (selects on TEST: for comparison with papers only)"
+                                if d["protocol"] == "paper" else "")
+    if plan.rungs:
+        stopping = (f"ASHA on val_all, rungs at epochs {', '.join(map(str, plan.rungs))} of "
+                    f"{plan.total_epochs} (first {plan.rung_offset} epochs before the method "
+                    f"acts are never judged)")
+    else:
+        stopping = f"no early stopping, {plan.total_epochs} epochs each"
+    verb = "Resuming" if o.resume else "Sweep"
+    return "\n".join([
+        f"{verb} {o.name}: space {o.space} on {o.dataset} (imbalance {imbalance}, protocol "
+        f"{protocol}; train/val/test {split})",
+        f"  {o.num_samples} trials, Optuna TPE seed {o.seed}; {stopping}",
+        f"  {resources.max_concurrent} at a time, {resources.cpus:g} CPU + {resources.gpus:g} GPU "
+        f"each" + (f"; time budget {o.time_budget:g} s" if o.time_budget else ""),
+        f"  results: {plan.sweep_dir}",
+        f"  MLflow: {plan.tracking_uri} (experiment {o.experiment!r})",
+    ])
+
+
+def final_report(plan: SweepPlan, outcome: SweepOutcome) -> str:
+    o = plan.options
+    rows = rows_from_results(outcome.results)
+    protocol = plan.dataset["protocol"]
+    lines = [f"Sweep {o.name} {outcome.status} in {outcome.wall_seconds:.1f} s", "",
+             leaderboard(rows, o.top, protocol), "", best_line(rows, protocol), ""]
+    if outcome.status == "interrupted":
+        lines.append(f"Continue it with: python search/run.py --resume --name {o.name} "
+                     f"--storage {o.storage}")
+    lines += [
+        f"Tune results:  {plan.sweep_dir / TUNE_FOLDER}",
+        f"Optuna study:  {o.name!r} in {plan.optuna_url}",
+        f"MLflow:        {plan.tracking_uri}, experiment {o.experiment!r}, parent run "
+        f"{outcome.parent_run_id}",
+        f"               (browse: mlflow ui --backend-store-uri {plan.tracking_uri})",
+    ]
+    return "\n".join(lines)

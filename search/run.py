@@ -1,0 +1,82 @@
+"""Run a hyperparameter sweep: python search/run.py --space dro_lt [options]
+
+With no other option the sweep runs on the embedded digits_lt dataset (8 trials, ASHA) on the
+local CPU in minutes. `--list-spaces` prints every space's dimensions and ranges. Bad input gives
+one line on stderr and exit code 2, before any results folder or MLflow run exists.
+Exit codes: 0 sweep completed, 1 interrupted or failed (--resume continues it), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the package, not the sibling modules
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from search.options import UsageError, parse_options  # noqa: E402
+
+PROG = "search/run.py"
+
+
+def list_spaces() -> str:
+    from spaces import get_space, space_names
+    from spaces.recipes import DATASET_SCALE
+
+    scales = ", ".join(f"{name}={scale}" for name, scale in DATASET_SCALE.items())
+    blocks = [get_space(name).describe() for name in space_names()]
+    return "\n\n".join([*blocks, f"dataset scales (which fixed plan applies): {scales}"])
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    from search.scheduler import SchedulerError
+    from spaces import SpaceError
+    from trainables.config import ConfigError
+    from trainables.data import DataError
+
+    return UsageError, SpaceError, ConfigError, DataError, SchedulerError
+
+
+def _fail(message: object) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        options, only_list = parse_options(argv)
+        if only_list:
+            print(list_spaces())
+            return 0
+        from search.sweep import plan_sweep
+
+        plan = plan_sweep(options)
+    except _input_errors() as exc:
+        return _fail(exc)
+
+    import ray
+
+    from search.cluster import connect, fit_resources
+    from search.report import final_report, header
+
+    cluster = connect(options.address)
+    try:
+        try:
+            resources = fit_resources(options, cluster)
+        except UsageError as exc:
+            return _fail(exc)
+        print(header(plan, resources), flush=True)
+        from search.sweep import run_sweep
+
+        outcome = run_sweep(plan, resources)
+        print(final_report(plan, outcome), flush=True)
+        return 0 if outcome.status == "completed" else 1
+    finally:
+        if options.address is None:
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
