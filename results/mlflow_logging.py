@@ -18,7 +18,9 @@ Schema (what results/leaderboard.py and users can rely on):
     completed | stopped_early (ASHA or the time budget ended it) | diverged | failed.
   Params: the full trial config (every TrialConfig field).
   Metrics per epoch, step = epoch (1-based, global over phases): val_all, val_many, val_medium,
-    val_few, train_loss, lr, images_per_second, epoch_seconds, ncm_* (DRO phase).
+    val_few, train_loss, lr, images_per_second, epoch_seconds, train_seconds, ncm_* (the
+    nearest-class-mean accuracy of the features, DRO phase). Epochs replayed from the stage-1
+    cache are logged too (epoch_seconds 0), so every trial has the same steps.
   Final metrics (step = epochs run): val_all, val_many, val_medium, val_few, test_all,
     test_many, test_medium, test_few, epochs_run. A Many/Medium/Few group without classes has
     no metric (missing, never 0). Only completed and diverged trials have test_* metrics.
@@ -52,8 +54,8 @@ TRIAL_ID = "tailtune.trial_id"
 PARENT = "mlflow.parentRunId"
 TRIAL_STATUSES = ("completed", "stopped_early", "diverged", "failed")
 EPOCH_METRICS = ("val_all", "val_many", "val_medium", "val_few", "train_loss", "lr",
-                 "images_per_second", "epoch_seconds", "ncm_all", "ncm_many", "ncm_medium",
-                 "ncm_few")
+                 "images_per_second", "epoch_seconds", "train_seconds", "ncm_all", "ncm_many",
+                 "ncm_medium", "ncm_few")
 GROUPS = ("all", "many", "medium", "few")
 
 
@@ -170,12 +172,12 @@ class SweepRecorder:
         run_id = self._children[trial_id]
         step = int(last.get("epoch", 0) or 0)
         final: dict[str, Any] = {"epochs_run": step}
+        if step > self._logged_step.get(trial_id, 0):  # else log_epoch logged them at `step`
+            val = outcome["val"] if outcome else {g: last.get(f"val_{g}") for g in GROUPS}
+            final.update({f"val_{g}": val.get(g) for g in GROUPS})
         if outcome:
-            for split in ("val", "test"):
-                final.update({f"{split}_{g}": outcome[split].get(g) for g in GROUPS})
+            final.update({f"test_{g}": outcome["test"].get(g) for g in GROUPS})
             self._log_artifacts(run_id, outcome)
-        else:
-            final.update({f"val_{g}": last.get(f"val_{g}") for g in GROUPS})
         self._log_metrics(run_id, final, step)
         if error:
             self.client.set_tag(run_id, "tailtune.error", error[:4000])

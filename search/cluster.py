@@ -21,6 +21,22 @@ class TrialResources:
     max_concurrent: int
 
 
+def check_local_gpus(options: SweepOptions) -> None:
+    """Refuse GPUs on a machine without, before paying for a Ray start (a local Ray sees the
+    same devices as torch: both honour CUDA_VISIBLE_DEVICES)."""
+    if options.address is not None or not options.gpus_per_trial:
+        return
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        raise UsageError(_no_gpu(options.gpus_per_trial, "this machine"))
+
+
+def _no_gpu(gpus: float, where: str) -> str:
+    return (f"--gpus-per-trial {gpus:g} asked for, but {where} has no GPU; "
+            "accepted here: 0 (trials run on the CPU)")
+
+
 def connect(address: str | None) -> dict[str, float]:
     """Start a local Ray (address None) or join a cluster; returns its total resources."""
     import ray
@@ -44,8 +60,7 @@ def fit_resources(options: SweepOptions, cluster: dict[str, float]) -> TrialReso
     by_cpu = max(1, int(cluster_cpus // options.cpus_per_trial))
     gpus = options.gpus_per_trial
     if gpus is not None and gpus > 0 and cluster_gpus == 0:
-        raise UsageError(f"--gpus-per-trial {gpus:g} asked for, but the Ray cluster has no GPU; "
-                         "accepted here: 0 (trials run on the CPU)")
+        raise UsageError(_no_gpu(gpus, "the Ray cluster"))
     if gpus is not None and gpus > cluster_gpus:
         raise UsageError(f"--gpus-per-trial {gpus:g} is more than the {cluster_gpus:g} GPUs of "
                          f"the Ray cluster; accepted: up to {cluster_gpus:g}")

@@ -46,6 +46,7 @@ class SweepOptions:
     gpus_per_trial: float | None = None
     cpus_per_trial: float = 1.0
     max_failures: int = 0
+    checkpoint_interval: float = 10.0
     address: str | None = None
     storage: str = DEFAULT_STORAGE
     mlflow_uri: str | None = None
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="(default: 1)")
     p.add_argument("--max-failures", type=int, default=0,
                    help="retries of a failed trial from its checkpoint (default: 0)")
+    p.add_argument("--checkpoint-interval", type=float, default=10.0,
+                   help="seconds between a trial's checkpoints; 0: every epoch (default: 10)")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--storage", default=DEFAULT_STORAGE,
                    help="results root (default: ./tailtune_runs)")
@@ -150,6 +153,9 @@ def validate(options: SweepOptions) -> None:
     _at_least("--top", options.top, 1)
     _positive("--cpus-per-trial", options.cpus_per_trial)
     _positive("--time-budget", options.time_budget)
+    if not (math.isfinite(options.checkpoint_interval) and options.checkpoint_interval >= 0):
+        raise UsageError(f"--checkpoint-interval must be a number >= 0; "
+                         f"got {options.checkpoint_interval:g}")
     if not (math.isfinite(options.reduction_factor) and options.reduction_factor > 1):
         raise UsageError(f"--reduction-factor must be a number > 1; "
                          f"got {options.reduction_factor:g}")

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 
 class StatusOptunaSearch(OptunaSearch):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reported_epoch: dict[str, int] = {}
+
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
@@ -37,9 +41,14 @@ class StatusOptunaSearch(OptunaSearch):
         # Intermediate values by epoch (Tune's training_iteration restarts differently on restore).
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        value = result.get(self.metric)
-        if isinstance(value, int | float) and "epoch" in result:
-            self._ot_trials[trial_id].report(float(value), int(result["epoch"]))
+        self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict | None) -> None:
+        value = (result or {}).get(self.metric)
+        epoch = int((result or {}).get("epoch") or 0)
+        if isinstance(value, int | float) and epoch > self._reported_epoch.get(trial_id, 0):
+            self._ot_trials[trial_id].report(float(value), epoch)
+            self._reported_epoch[trial_id] = epoch
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -54,6 +63,8 @@ class StatusOptunaSearch(OptunaSearch):
             state = TrialState.FAIL
         try:
             ot_trial.set_user_attr("tailtune_status", status)
+            if state == TrialState.PRUNED:  # Tune skips on_trial_result for the stopping result
+                self._report(trial_id, result)
             self._ot_study.tell(ot_trial, value if state == TrialState.COMPLETE else None,
                                 state=state)
         except Exception as exc:  # e.g. already finished in storage after a restore

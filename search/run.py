@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         if only_list:
             print(list_spaces())
             return 0
+        from search.cluster import check_local_gpus
         from search.sweep import plan_sweep
 
         plan = plan_sweep(options)
+        check_local_gpus(options)
     except _input_errors() as exc:
         return _fail(exc)
 

@@ -8,8 +8,7 @@ acted, and at each rung every trial is at the same epoch of the same phase.
 from __future__ import annotations
 
 import math
-
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from typing import Any
 
 SCHEDULERS = ("asha", "none")
 METRIC, MODE = "val_all", "max"
@@ -31,19 +30,19 @@ def rung_epochs(grace_period: int, span: int, reduction_factor: float) -> list[i
     return [int(grace_period * reduction_factor**k) for k in range(count)]
 
 
-def make_scheduler(
+def plan_rungs(
     kind: str,
     *,
     rung_offset: int,
     total_epochs: int,
     grace_period: int | None = None,
     reduction_factor: float = 2.0,
-) -> tuple[TrialScheduler, list[int]]:
-    """The scheduler and its rungs as global (1-based) epochs; no rungs for "none"."""
+) -> tuple[int, list[int]]:
+    """(grace period, rungs as global 1-based epochs); no rungs for "none". Checks the values."""
     if kind not in SCHEDULERS:
         raise SchedulerError(f"unknown scheduler {kind!r}; accepted: {', '.join(SCHEDULERS)}")
     if kind == "none":
-        return FIFOScheduler(), []
+        return 0, []
     span = total_epochs - rung_offset
     if span < 1:
         raise SchedulerError(f"no epochs left for ASHA after the first {rung_offset}; "
@@ -52,8 +51,19 @@ def make_scheduler(
     if grace > span:
         raise SchedulerError(f"--grace-period {grace} is beyond the {span} epochs the method "
                              f"trains; accepted: 1 to {span}")
-    scheduler = AsyncHyperBandScheduler(
-        time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=span,
+    return grace, [rung_offset + m for m in rung_epochs(grace, span, reduction_factor)]
+
+
+def make_scheduler(kind: str, *, rung_offset: int, total_epochs: int,
+                   grace_period: int | None = None, reduction_factor: float = 2.0) -> Any:
+    """Ray's ASHA on the method-epoch clock (or FIFO for "none")."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    grace, _ = plan_rungs(kind, rung_offset=rung_offset, total_epochs=total_epochs,
+                          grace_period=grace_period, reduction_factor=reduction_factor)
+    if kind == "none":
+        return FIFOScheduler()
+    return AsyncHyperBandScheduler(
+        time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=total_epochs - rung_offset,
         grace_period=grace, reduction_factor=reduction_factor,
     )
-    return scheduler, [rung_offset + m for m in rung_epochs(grace, span, reduction_factor)]

@@ -2,7 +2,8 @@
 
 Ranking: completed trials by final validation accuracy first; then trials stopped early, which
 are ranked by the accuracy they had when stopped (not comparable with a finished trial's, hence
-below them); then diverged and failed ones. Test accuracy is reported, never used to rank.
+below them); then trials an interrupted sweep left unfinished; then diverged and failed ones.
+Test accuracy is reported, never used to rank.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 from trainables.tune import trial_status
 
-STATUS_ORDER = ("completed", "stopped_early", "diverged", "failed")
+STATUS_ORDER = ("completed", "stopped_early", "unfinished", "diverged", "failed")
+ENDED = ("TERMINATED", "ERROR")  # Tune trial states of trials that will not run again
 GROUPS = ("all", "many", "medium", "few")
 
 
@@ -31,9 +33,14 @@ class TrialRow:
 def rows_from_results(results: Any) -> list[TrialRow]:
     """TrialRows from a Tune ResultGrid, ranked (see the module docstring)."""
     rows = []
-    for result in results:
+    # ResultGrid keeps no trial state; its analysis does (same order as the results).
+    analysis = getattr(results, "_experiment_analysis", None)
+    states = [t.status for t in analysis.trials] if analysis is not None else []
+    for index, result in enumerate(results):
         metrics = result.metrics or {}
         status = trial_status(metrics, result.error is not None)
+        if index < len(states) and states[index] not in ENDED:
+            status = "unfinished"
         config = result.config or {}
         rows.append(TrialRow(
             trial_id=str(metrics.get("trial_id") or _trial_id(result)),

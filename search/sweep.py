@@ -11,13 +11,14 @@ Results folder (absolute; --storage, default ./tailtune_runs):
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from search.options import SweepOptions
-from search.scheduler import METRIC, MODE, make_scheduler
+from search.scheduler import METRIC, MODE, make_scheduler, plan_rungs
 from spaces import Sampler, Space, fixed_settings, get_space
 
 TUNE_FOLDER = "tune"
@@ -84,10 +85,10 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
                             download=options.download, split_seed=config.split_seed)
     description = dataset.describe()
     rung_offset = space.rung_offset(config.to_dict())
-    _, rungs = make_scheduler(options.scheduler, rung_offset=rung_offset,
-                              total_epochs=config.total_epochs,
-                              grace_period=options.grace_period,
-                              reduction_factor=options.reduction_factor)
+    _, rungs = plan_rungs(options.scheduler, rung_offset=rung_offset,
+                          total_epochs=config.total_epochs,
+                          grace_period=options.grace_period,
+                          reduction_factor=options.reduction_factor)
     return SweepPlan(options, space, fixed, config.total_epochs, rung_offset, rungs, description)
 
 
@@ -106,17 +107,18 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
 
     options = plan.options
     runtime = TrialRuntime(cache_dir=str(Path(options.storage) / "stage1_cache"),
-                           rung_offset=plan.rung_offset)
+                           rung_offset=plan.rung_offset,
+                           checkpoint_interval_s=options.checkpoint_interval)
     trainable = tune.with_resources(tune.with_parameters(train_trial, runtime=runtime),
                                     {"cpu": resources.cpus, "gpu": resources.gpus})
     tune_dir = plan.sweep_dir / TUNE_FOLDER
     if options.resume and tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
-    scheduler, _ = make_scheduler(options.scheduler, rung_offset=plan.rung_offset,
-                                  total_epochs=plan.total_epochs,
-                                  grace_period=options.grace_period,
-                                  reduction_factor=options.reduction_factor)
+    scheduler = make_scheduler(options.scheduler, rung_offset=plan.rung_offset,
+                               total_epochs=plan.total_epochs,
+                               grace_period=options.grace_period,
+                               reduction_factor=options.reduction_factor)
     searcher = StatusOptunaSearch(
         Sampler(options.space, plan.fixed), metric=METRIC, mode=MODE, seed=options.seed,
         study_name=options.name, storage=optuna.storages.RDBStorage(plan.optuna_url),
@@ -136,7 +138,8 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
         ),
         run_config=tune.RunConfig(
             name=TUNE_FOLDER, storage_path=str(plan.sweep_dir), callbacks=callbacks, verbose=0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # 2, not 1: with 1 every checkpoint forces a snapshot of the whole experiment
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
         ),
     )
@@ -148,9 +151,10 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
 
     from results.mlflow_logging import SweepRecorder
     from search.optuna_search import close_unfinished
-    from search.summary import best_completed, rows_from_results
+    from search.summary import STATUS_ORDER, best_completed, rows_from_results
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter
     options = plan.options
     started = time.monotonic()
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +180,7 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
             best = best_completed(rows)
             if best is not None:
                 summary.update({"best_val_all": best.val["all"], "best_test_all": best.test["all"]})
-            for name in ("completed", "stopped_early", "diverged", "failed"):
+            for name in STATUS_ORDER:
                 summary[f"trials_{name}"] = sum(row.status == name for row in rows)
         recorder.finish(status, summary)
     return SweepOutcome(status, results, time.monotonic() - started, parent)

@@ -11,13 +11,15 @@ The last epoch is reported after the pipeline returns, together with the test ac
 `outcome` (val/test reports with per-class accuracy, class counts, diagnostics, config), so the
 driver sees each trial's end in one result. Live epochs are checkpointed (`snapshot()` saved with
 torch.save); a restored or retried trial resumes from its latest checkpoint. Epochs replayed from
-the stage-1 cache are not checkpointed: a restart replays them again at no cost.
+the stage-1 cache are not checkpointed: a restart replays them again at no cost. Checkpoints are
+spaced by `checkpoint_interval_s` so that sub-second epochs are not dominated by saving.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,9 @@ class TrialRuntime:
 
     cache_dir: str | None = None  # stage-1 cache shared by the sweep's trials
     rung_offset: int = 0  # epochs before ASHA may judge (see spaces.core.Space.rung_offset)
-    checkpoint_every: int = 1  # checkpoint every n-th live epoch
+    # Checkpoint a live epoch when this many seconds passed since the last one (0: every epoch).
+    # Tiny epochs would otherwise spend more time saving state than training.
+    checkpoint_interval_s: float = 10.0
 
 
 def trial_status(result: Mapping[str, Any] | None, error: bool = False) -> str:
@@ -61,20 +65,22 @@ class EpochReporter:
         self._report = report
         self._make_checkpoint = make_checkpoint
         self.pending: dict[str, Any] | None = None  # the last epoch, reported by finish()
+        self._last_checkpoint = time.monotonic()
 
     def on_epoch(self, metrics: dict[str, Any], snapshot: Callable[[], dict[str, Any]]) -> None:
         result = self._result(metrics)
         if result["epoch"] >= self.total_epochs or result["diverged"]:
             self.pending = result  # reported with the outcome once run_trial returns
             return
-        live_epoch = not result["replayed"]
-        if live_epoch and result["epoch"] % self.runtime.checkpoint_every == 0:
+        due = time.monotonic() - self._last_checkpoint >= self.runtime.checkpoint_interval_s
+        if due and not result["replayed"]:
             import torch
 
             with tempfile.TemporaryDirectory(prefix="tailtune-ckpt-") as folder:
                 torch.save(snapshot(), Path(folder) / CHECKPOINT_FILE)
                 # report() persists the checkpoint to the Tune storage before it returns
                 self._report(result, checkpoint=self._make_checkpoint(Path(folder)))
+            self._last_checkpoint = time.monotonic()
         else:
             self._report(result)
 

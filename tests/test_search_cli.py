@@ -1,0 +1,118 @@
+"""search/run.py on bad input: one line on stderr, exit code 2, nothing created."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from search.cluster import fit_resources
+from search.options import SweepOptions, UsageError
+from search.run import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+BAD = [
+    (["--space", "dro"], "unknown space 'dro'; accepted: ce, dro_lt, wb, dro_wb"),
+    (["--space", "ce", "--dataset", "mnist_lt"], "unknown dataset 'mnist_lt'; accepted: "),
+    (["--space", "ce", "--imbalance", "1"], "--imbalance must be a number > 1; got 1"),
+    (["--space", "ce", "--imbalance", "nan"], "--imbalance must be a number > 1; got nan"),
+    (["--space", "ce", "--num-samples", "0"], "--num-samples must be an integer >= 1; got 0"),
+    (["--space", "ce", "--max-concurrent", "-1"], "--max-concurrent must be an integer >= 1"),
+    (["--space", "ce", "--epochs", "0"], "--epochs must be an integer >= 1; got 0"),
+    (["--space", "dro_lt", "--epochs", "2"], "--epochs 2 is too few for 3 phases"),
+    (["--space", "ce", "--scheduler", "pbt"], "unknown scheduler 'pbt'; accepted: asha, none"),
+    (["--space", "ce", "--reduction-factor", "1"], "--reduction-factor must be a number > 1"),
+    (["--space", "ce", "--epochs", "4", "--grace-period", "5"],
+     "--grace-period 5 is beyond the 4 epochs the method trains; accepted: 1 to 4"),
+    (["--space", "ce", "--cpus-per-trial", "0"], "--cpus-per-trial must be a number > 0"),
+    (["--space", "ce", "--gpus-per-trial", "-1"], "--gpus-per-trial must be 0, a fraction"),
+    (["--space", "ce", "--gpus-per-trial", "1.5"], "--gpus-per-trial must be 0, a fraction"),
+    (["--space", "ce", "--time-budget", "0"], "--time-budget must be a number > 0; got 0"),
+    (["--space", "ce", "--name", "../escape"], "--name '../escape' is not a valid sweep name"),
+    (["--space", "ce", "--num-samples", "many"], "argument --num-samples: invalid int value"),
+    (["--num-samples", "3"], "--space is required; accepted: ce, dro_lt, wb, dro_wb"),
+    (["--resume"], "--resume needs --name"),
+    (["--resume", "--name", "nothing-here"], "no sweep 'nothing-here' to resume"),
+]
+
+
+def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(argv, message, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    code, out, err = _run_main([*argv, "--storage", str(storage)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("search/run.py: error: ")
+    assert message in lines[0]
+    assert out == ""
+    assert not storage.exists()  # no results folder, hence no MLflow store or run
+
+
+def test_existing_sweep_name_is_refused_without_touching_the_results(tmp_path, capsys) -> None:
+    storage = tmp_path / "runs"
+    (storage / "taken").mkdir(parents=True)
+    before = sorted(p.name for p in storage.rglob("*"))
+    code, _, err = _run_main(["--space", "ce", "--name", "taken", "--storage", str(storage)],
+                             capsys)
+    assert code == 2
+    assert "sweep 'taken' already exists" in err and "--resume" in err
+    assert sorted(p.name for p in storage.rglob("*")) == before
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="needs a machine without a GPU")
+def test_gpus_on_a_machine_without_is_refused_from_the_command_line(tmp_path) -> None:
+    storage = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, "search/run.py", "--space", "dro_lt", "--gpus-per-trial", "0.25",
+         "--storage", str(storage)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "search/run.py: error: --gpus-per-trial 0.25 asked for, but this machine has no GPU; "
+        "accepted here: 0 (trials run on the CPU)"
+    ]
+    assert not storage.exists()
+
+
+def test_list_spaces_runs_as_a_script_from_the_repo_root() -> None:
+    proc = subprocess.run([sys.executable, "search/run.py", "--list-spaces"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "dro_wb  (method dro_wb)" in proc.stdout
+
+
+def _options(**values) -> SweepOptions:
+    return SweepOptions(space="ce", **values)
+
+
+def test_gpus_on_a_cluster_without_are_refused() -> None:
+    with pytest.raises(UsageError, match="the Ray cluster has no GPU"):
+        fit_resources(_options(gpus_per_trial=0.25), {"CPU": 16.0})
+
+
+def test_default_resources_fall_back_to_the_cpu_and_share_gpus() -> None:
+    cpu_only = fit_resources(_options(num_samples=8), {"CPU": 2.0})
+    assert (cpu_only.gpus, cpu_only.max_concurrent) == (0.0, 2)
+    shared = fit_resources(_options(num_samples=8, max_concurrent=4), {"CPU": 16.0, "GPU": 1.0})
+    assert (shared.gpus, shared.max_concurrent) == (0.25, 4)
+    packed = fit_resources(_options(num_samples=8, gpus_per_trial=0.25), {"CPU": 16.0, "GPU": 1.0})
+    assert (packed.gpus, packed.max_concurrent) == (0.25, 4)  # four trials on one GPU
+    with pytest.raises(UsageError, match="--cpus-per-trial 4 is more than the 2 CPUs"):
+        fit_resources(_options(cpus_per_trial=4.0), {"CPU": 2.0})
