@@ -53,8 +53,15 @@ Row = tuple[str, dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------- the studies
-def dro_lt_study(extra_eps: float | None = None) -> list[Row]:
-    """Issue "DRO-LT": CE, CE + cRT (the DRO-LT pipeline without DRO), DRO-LT per radius."""
+@dataclass
+class Study:
+    title: str
+    rows: list[Row]
+    reference: str  # paired differences are taken against this row
+
+
+def dro_lt_study(extra_eps: float | None = None) -> Study:
+    """Issue "DRO-LT": CE, CE + cRT, the same pipeline with lam 0, DRO-LT per radius."""
     stage1 = {"dataset": "digits_lt", "epochs": 30}
     dro = {**stage1, "method": "dro_lt", "dro_epochs": 15, "cls_epochs": 10,
            "lam": 0.5, "eps": 1.0, "temperature": 1.0}
@@ -62,35 +69,36 @@ def dro_lt_study(extra_eps: float | None = None) -> list[Row]:
         ("CE", {**stage1, "method": "ce"}),
         ("CE + cRT", {**stage1, "method": "ce", "classifier": "retrain",
                       "cls_sampler": "class_balanced", "cls_epochs": 10, "dro_epochs": 0}),
+        # equal budget and phases, DRO weight 0: separates the DRO loss from the extra
+        # 15 epochs of low-lr training it comes with
+        ("DRO-LT pipeline, lam 0", {**dro, "radius": "erm", "lam": 0.0}),
     ]
     rows += [(f"DRO-LT {radius}", {**dro, "radius": radius})
              for radius in ("erm", "shared", "count", "learned")]
     if extra_eps is not None:
         rows.append((f"DRO-LT shared, eps {extra_eps:g}",
                      {**dro, "radius": "shared", "eps": extra_eps}))
-    return rows
+    return Study("DRO-LT", rows, reference="DRO-LT pipeline, lam 0")
 
 
-def weight_balancing_study() -> list[Row]:
-    """Issue "Weight Balancing": the paper's ladder at equal stage-1 budgets."""
+def weight_balancing_study(lr: float = 0.05) -> Study:
+    """Issue "Weight Balancing": the paper's ladder at equal stage-1 budgets and one lr."""
     stage1 = {"dataset": "digits_lt", "method": "ce", "epochs": 30, "schedule": "cosine",
-              "lr": 0.1}
+              "lr": lr}
     wd = {**stage1, "weight_decay": 5e-3}
     cb = {**wd, "classifier": "retrain", "cls_loss": "cb", "cls_weight_decay": 0.1,
           "cls_epochs": 10, "maxnorm": "off"}
-    return [
+    rows = [
         ("naive CE", {**stage1, "weight_decay": 2e-4}),
         ("WD", wd),
         ("WD + tau-norm", {**wd, "classifier": "tau_norm", "tau": 1.0}),
         ("WD, then WD + CB", cb),
         ("WD, then WD + CB + MaxNorm", {**cb, "maxnorm": "step", "maxnorm_t": 0.1}),
     ]
+    return Study(f"Weight Balancing, stage-1 lr {lr:g}", rows, reference="WD")
 
 
-STUDIES: dict[str, Callable[..., list[Row]]] = {
-    "dro_lt": dro_lt_study,
-    "weight_balancing": weight_balancing_study,
-}
+STUDY_NAMES = ("dro_lt", "weight_balancing")
 
 
 # ---------------------------------------------------------------------------- DRO eps scale
@@ -312,9 +320,53 @@ def environment() -> dict[str, str]:
     }
 
 
-def write_report(path: Path, command: str, env: dict[str, str],
-                 studies: dict[str, list[Row]], done: dict[str, dict[str, list[RunRecord]]],
-                 seeds: list[int], elapsed: float, finished: bool) -> None:
+def paired_rows(records_by_row: dict[str, list[RunRecord]], reference: str) -> list[list[str]]:
+    """Per-seed differences against the reference row (same seed, and often the same stage 1)."""
+    base = {r.seed: r.result for r in records_by_row.get(reference, [])}
+    rows = []
+    for name, records in records_by_row.items():
+        pairs = [(r.result, base[r.seed]) for r in records if r.seed in base]
+        if name == reference or not pairs:
+            continue
+        cells = [name, str(len(pairs))]
+        for split, group in (("val", "all"), ("test", "all"), ("val", "few"), ("test", "few")):
+            diffs = [mine[split][group] - ref[split][group] for mine, ref in pairs]
+            better = sum(d > 0 for d in diffs)
+            worse = sum(d < 0 for d in diffs)
+            cells.append(f"{mean_std(diffs, 100)} ({better}+/{worse}-)")
+        rows.append(cells)
+    return rows
+
+
+PAIRED_HEADER = ["method", "seeds", "Δ val all", "Δ test all", "Δ val few", "Δ test few"]
+
+
+def study_section(study: Study, records_by_row: dict[str, list[RunRecord]]) -> list[str]:
+    """The Markdown of one study: results, paired differences, eps scale, radii."""
+    parts = ["", f"## {study.title}", "",
+             markdown_table(RESULT_HEADER, [row_summary(r) for r in records_by_row.values()])]
+    paired = paired_rows(records_by_row, study.reference)
+    if paired:
+        parts += ["", f"Paired differences against `{study.reference}` (points, mean ± std "
+                  "over seeds; in brackets: seeds better / worse):", "",
+                  markdown_table(PAIRED_HEADER, paired)]
+    geometry = geometry_rows(records_by_row)
+    if geometry:
+        parts += ["", "Feature scale vs eps (median distances over training images; "
+                  "`effect@e` = (L_DRO(e) - L_DRO(0)) / e in [0, 1]: 0 means a shared radius e "
+                  "changes nothing):", "",
+                  markdown_table(["row", "when", "n", *GEOMETRY_KEYS], geometry)]
+    radii = radii_rows(records_by_row)
+    if radii:
+        counts = next(iter(records_by_row.values()))[0].result["class_counts"]
+        parts += ["", "Radii per class at the end (mean over seeds; columns: training count):",
+                  "", markdown_table(["row", *map(str, counts)], radii)]
+    return parts
+
+
+def write_report(path: Path, command: str, env: dict[str, str], studies: dict[str, Study],
+                 done: dict[str, dict[str, list[RunRecord]]], seeds: list[int], elapsed: float,
+                 finished: bool) -> None:
     parts = [
         "# Methods on digits_lt",
         "",
@@ -331,29 +383,16 @@ def write_report(path: Path, command: str, env: dict[str, str],
         "`spread` is max/min of the classifier row norms after stage 1 and at the end; "
         "`mean radius` is the mean over classes of the DRO radii at the end.",
     ]
-    for study, rows in studies.items():
-        records_by_row = done.get(study, {})
+    for title, study in studies.items():
+        records_by_row = done.get(title, {})
         if not records_by_row:
             continue
-        parts += ["", f"## {study}", "",
-                  markdown_table(RESULT_HEADER,
-                                 [row_summary(recs) for recs in records_by_row.values()])]
-        geometry = geometry_rows(records_by_row)
-        if geometry:
-            parts += ["", "Feature scale vs eps (median distances over training images; "
-                      "`effect@e` = (L_DRO(e) - L_DRO(0)) / e in [0, 1]: 0 means a shared "
-                      "radius e changes nothing):", "",
-                      markdown_table(["row", "when", "n", *GEOMETRY_KEYS], geometry)]
-        radii = radii_rows(records_by_row)
-        if radii:
-            counts = next(iter(records_by_row.values()))[0].result["class_counts"]
-            parts += ["", "Radii per class at the end (mean over seeds):", "",
-                      markdown_table(["row", *map(str, counts)], radii)]
+        parts += study_section(study, records_by_row)
         seconds = sum(r.seconds for recs in records_by_row.values() for r in recs)
         parts += ["", f"Trial wall time for this study: {seconds / 60:.1f} min.", "",
                   "Configs (plus `seed` and `device`; every other field at its TrialConfig "
                   "default, after the method's METHOD_DEFAULTS):", ""]
-        parts += [f"- {name}: `{json.dumps(values)}`" for name, values in rows]
+        parts += [f"- {name}: `{json.dumps(values)}`" for name, values in study.rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts) + "\n")
 
@@ -361,11 +400,13 @@ def write_report(path: Path, command: str, env: dict[str, str],
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", nargs="+", default=["all"],
-                        choices=[*STUDIES, "all"], help="which studies to run")
+                        choices=[*STUDY_NAMES, "all"], help="which studies to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--rows", nargs="+", help="only the rows with these names")
     parser.add_argument("--extra-eps", type=float,
                         help="DRO-LT study: add a shared-radius row with this eps")
+    parser.add_argument("--wb-lr", nargs="+", type=float, default=[0.05],
+                        help="Weight Balancing study: one table per stage-1 learning rate")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--cache-dir", help="stage-1 cache (default: a temporary folder)")
@@ -386,13 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --override must be a JSON object; got {args.override!r}", file=sys.stderr)
         return 2
-    names = list(STUDIES) if "all" in args.study else list(dict.fromkeys(args.study))
-    studies = {}
-    for name in names:
-        rows = dro_lt_study(args.extra_eps) if name == "dro_lt" else STUDIES[name]()
-        rows = [(row, {**values, **override}) for row, values in rows
-                if not args.rows or row in args.rows]
-        studies[name] = rows
+    names = STUDY_NAMES if "all" in args.study else tuple(dict.fromkeys(args.study))
+    chosen = [dro_lt_study(args.extra_eps)] if "dro_lt" in names else []
+    if "weight_balancing" in names:
+        chosen += [weight_balancing_study(lr) for lr in dict.fromkeys(args.wb_lr)]
+    studies: dict[str, Study] = {}
+    for study in chosen:
+        study.rows = [(row, {**values, **override}) for row, values in study.rows
+                      if not args.rows or row in args.rows]
+        studies[study.title] = study
     command = "nice -n 10 " + shlex.join([".venv/bin/python", "benchmarks/compare_methods.py",
                                           *(argv if argv is not None else sys.argv[1:])])
     env = environment()
@@ -401,9 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     probe = GeometryProbe()
     with tempfile.TemporaryDirectory(prefix="stage1-cache-") as scratch:
         cache_dir = args.cache_dir or scratch
-        for study, rows in studies.items():
+        for study, spec in studies.items():
             print(f"## {study}", flush=True)
-            for name, values in rows:
+            for name, values in spec.rows:
                 records = run_row(name, values, args.seeds, args.device, cache_dir, probe,
                                   lambda line: print(line, flush=True))
                 done.setdefault(study, {})[name] = records
@@ -418,13 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                     write_report(args.out, command, env, studies, done, args.seeds,
                                  time.perf_counter() - started, finished=False)
     elapsed = time.perf_counter() - started
-    for study in studies:
-        print(f"\n## {study}\n")
-        print(markdown_table(RESULT_HEADER, [row_summary(r) for r in done[study].values()]))
-        geometry = geometry_rows(done[study])
-        if geometry:
-            print()
-            print(markdown_table(["row", "when", "n", *GEOMETRY_KEYS], geometry))
+    for title, study in studies.items():
+        print("\n".join(study_section(study, done.get(title, {}))))
     print(f"\ntotal wall time {elapsed / 60:.1f} min")
     if args.out:
         write_report(args.out, command, env, studies, done, args.seeds, elapsed, finished=True)

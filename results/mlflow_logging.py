@@ -31,6 +31,8 @@ Schema (what results/leaderboard.py and users can rely on):
 
 A child is found again by its tailtune.trial_id tag before one is created, so a resumed or
 retried trial continues its run instead of duplicating it; epochs already logged are skipped.
+Epoch metrics are written in batches every few seconds (and when the trial ends), so a driver
+killed outright loses at most those seconds of curve; the trial re-reports from its checkpoint.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ EPOCH_METRICS = ("val_all", "val_many", "val_medium", "val_few", "train_loss", "
                  "images_per_second", "epoch_seconds", "train_seconds", "ncm_all", "ncm_many",
                  "ncm_medium", "ncm_few")
 GROUPS = ("all", "many", "medium", "few")
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 
 
 def local_tracking_uri(folder: str | Path) -> str:
@@ -74,7 +77,7 @@ class SweepRecorder:
     """Writes one sweep's parent run and its trials' child runs through an MlflowClient."""
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_name: str,
-                 tags: Mapping[str, Any]) -> None:
+                 tags: Mapping[str, Any], flush_interval_s: float = 5.0) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment
@@ -84,6 +87,11 @@ class SweepRecorder:
         self.parent_id = ""
         self._children: dict[str, str] = {}  # trial id -> run id
         self._logged_step: dict[str, int] = {}  # trial id -> last epoch already logged
+        # Epoch metrics wait here up to flush_interval_s: one MLflow write costs ~20 ms, and
+        # while the driver writes, the trials' next reports wait for it.
+        self.flush_interval_s = flush_interval_s
+        self._buffer: dict[str, list[Metric]] = {}
+        self._flushed: dict[str, float] = {}
 
     # ---------------------------------------------------------------- sweep
     def start(self, params: Mapping[str, Any]) -> str:
@@ -105,6 +113,7 @@ class SweepRecorder:
 
     def finish(self, status: str, summary: Mapping[str, float] | None = None) -> None:
         """Close the sweep: unfinished children are marked KILLED, the parent gets `status`."""
+        self.flush()
         for run in self._search(f"tags.`{PARENT}` = '{self.parent_id}'"):
             if run.info.status == "RUNNING":
                 trial_id = run.data.tags.get(TRIAL_ID, "")
@@ -148,13 +157,26 @@ class SweepRecorder:
         return run_id
 
     def log_epoch(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
-        """One epoch's metrics at step = epoch; epochs logged before a restart are skipped."""
-        run_id = self._children[trial_id]
+        """One epoch's metrics at step = epoch (buffered up to flush_interval_s); epochs logged
+        before a restart are skipped."""
         step = int(metrics["epoch"])
         if step <= self._logged_step.get(trial_id, 0):
             return
-        self._log_metrics(run_id, {k: metrics.get(k) for k in EPOCH_METRICS}, step)
+        self._buffer.setdefault(trial_id, []).extend(
+            _metrics({k: metrics.get(k) for k in EPOCH_METRICS}, step))
         self._logged_step[trial_id] = step
+        now = time.monotonic()
+        if now - self._flushed.setdefault(trial_id, now) >= self.flush_interval_s:
+            self.flush(trial_id)
+
+    def flush(self, trial_id: str | None = None) -> None:
+        """Write the buffered epoch metrics (of one trial, or all) now."""
+        for name in [trial_id] if trial_id is not None else list(self._buffer):
+            metrics = self._buffer.pop(name, [])
+            for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                chunk = metrics[start:start + MAX_METRICS_PER_BATCH]
+                self.client.log_batch(self._children[name], metrics=chunk)
+            self._flushed[name] = time.monotonic()
 
     def set_tag(self, trial_id: str, key: str, value: Any) -> None:
         self.client.set_tag(self._children[trial_id], f"tailtune.{key}", str(value))
@@ -169,6 +191,7 @@ class SweepRecorder:
         if status not in TRIAL_STATUSES:
             accepted = ", ".join(TRIAL_STATUSES)
             raise ValueError(f"trial status must be one of {accepted}; got {status!r}")
+        self.flush(trial_id)
         run_id = self._children[trial_id]
         step = int(last.get("epoch", 0) or 0)
         final: dict[str, Any] = {"epochs_run": step}
@@ -180,7 +203,7 @@ class SweepRecorder:
             self._log_artifacts(run_id, outcome)
         self._log_metrics(run_id, final, step)
         if error:
-            self.client.set_tag(run_id, "tailtune.error", error[:4000])
+            self.client.set_tag(run_id, "tailtune.error", error[-4000:])  # the message is last
         self.client.set_tag(run_id, STATUS, status)
         self.client.set_terminated(run_id, status="FAILED" if status == "failed" else "FINISHED")
         self._children.pop(trial_id, None)
@@ -211,9 +234,7 @@ class SweepRecorder:
                                             max_results=10_000))
 
     def _log_metrics(self, run_id: str, values: Mapping[str, Any], step: int) -> None:
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, step) for key, value in values.items()
-                   if _is_number(value)]
+        metrics = _metrics(values, step)
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
 
@@ -226,6 +247,12 @@ class SweepRecorder:
             _write_per_class(path / "per_class.csv", outcome)
             for name in ("config.json", "per_class.csv", "diagnostics.json"):
                 self.client.log_artifact(run_id, str(path / name))
+
+
+def _metrics(values: Mapping[str, Any], step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value in values.items()
+            if _is_number(value)]
 
 
 def _write_per_class(path: Path, outcome: Mapping[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -85,11 +86,12 @@ class MlflowSweepCallback(Callback):
 
 
 def _error_text(trial: Any) -> str:
-    try:
-        error = trial.get_pickled_error() or trial.get_error()
-    except Exception:  # the error file may live on another node
-        error = None
-    return str(error) if error else "trial failed (see the Tune trial folder)"
+    """The end of the trial's error trace (the exception is last). Tune writes it on the driver
+    first and copies it to the results storage later, so read the driver's copy."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        return Path(path).read_text()[-3000:]
+    return "trial failed (see the Tune trial folder)"
 
 
 class ProgressCallback(Callback):

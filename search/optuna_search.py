@@ -8,12 +8,16 @@ comparable with a finished trial's. Here:
 - diverged: COMPLETE with its (poor) value, so TPE learns to avoid the region;
 - failed: FAIL;
 - completed: COMPLETE with the final validation accuracy.
-Every Optuna trial carries user attrs tune_trial_id and tailtune_status.
+Every Optuna trial carries user attrs tune_trial_id and tailtune_status. Intermediate values
+are the validation accuracies at `report_epochs` (the ASHA rungs: what the trials were compared
+on) and where a trial stopped; each Optuna write costs the driver milliseconds, while a trial's
+every-epoch curve is in MLflow already.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import optuna
@@ -26,8 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class StatusOptunaSearch(OptunaSearch):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, report_epochs: Collection[int] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._report_epochs = None if report_epochs is None else set(report_epochs)
         self._reported_epoch: dict[str, int] = {}
 
     def suggest(self, trial_id: str) -> dict | None:
@@ -41,7 +47,8 @@ class StatusOptunaSearch(OptunaSearch):
         # Intermediate values by epoch (Tune's training_iteration restarts differently on restore).
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        self._report(trial_id, result)
+        if self._report_epochs is None or result.get("epoch") in self._report_epochs:
+            self._report(trial_id, result)
 
     def _report(self, trial_id: str, result: dict | None) -> None:
         value = (result or {}).get(self.metric)

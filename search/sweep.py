@@ -122,6 +122,7 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
     searcher = StatusOptunaSearch(
         Sampler(options.space, plan.fixed), metric=METRIC, mode=MODE, seed=options.seed,
         study_name=options.name, storage=optuna.storages.RDBStorage(plan.optuna_url),
+        report_epochs=plan.rungs,
     )
     params = {k: v for k, v in vars(options).items() if k not in ("resume",)}
     callbacks = [

@@ -94,6 +94,21 @@ def test_adapter_does_not_checkpoint_epochs_replayed_from_the_stage1_cache(tmp_p
     assert sorted(collector.checkpoints) == []  # replayed epochs 1-2; epoch 3 is the final one
 
 
+def test_adapter_reports_a_diverged_trial_once_with_its_outcome(tmp_path: Path) -> None:
+    config = TrialConfig.from_dict({**TINY, "method": "ce", "epochs": 3, "lr": 1e6,
+                                    "schedule": "constant", "warmup_epochs": 0})
+    collector = Collector(tmp_path)
+    reporter = _reporter(config, collector, offset=0)
+    outcome = run_trial(config, reporter.on_epoch)
+    reporter.finish(outcome)
+    assert outcome["status"] == "diverged"
+    last = collector.reports[-1]
+    assert last["diverged"] and not last["final"] and "test_all" in last
+    assert last["epoch"] < 3 or outcome["epochs_run"] == 3
+    assert trial_status(last) == "diverged"
+    assert sum(r["diverged"] for r in collector.reports) == 1  # reported once, at its end
+
+
 def test_trial_status_reads_the_last_result() -> None:
     assert trial_status({"epoch": 3, "final": True}) == "completed"
     assert trial_status({"epoch": 2, "final": False}) == "stopped_early"
@@ -151,6 +166,77 @@ def test_mlflow_records_survive_a_driver_restart_without_duplicates(tmp_path: Pa
                                                           ("few", "")]
     # the artifacts sit next to the store, not in ./mlruns of the working directory
     assert (tmp_path / "mlartifacts").is_dir() and not (Path.cwd() / "mlruns").exists()
+
+
+# ---------------------------------------------------------------- failed and diverged trials
+LR_SPLIT = 0.03  # the trainable below fails below this learning rate and diverges above
+
+
+def _fail_or_diverge(config: dict) -> None:
+    """Stands in for the pipeline where it cannot be made to fail on purpose: an error after
+    one epoch (e.g. out of memory), or a divergence reported the way trainables.tune does."""
+    from ray import tune
+
+    epoch = {"epoch": 1, "val_all": 0.1, "method_epoch": 1, "total_epochs": 2,
+             "node_id": "node-x", "final": False, "diverged": False}
+    if config["trial"]["lr"] < LR_SPLIT:
+        tune.report(epoch)
+        raise RuntimeError("simulated out of memory")
+    report = {"val": {"all": 0.1, "many": 0.2, "medium": 0.1, "few": 0.0, "per_class": [0.1]},
+              "test": {"all": 0.1, "many": 0.2, "medium": 0.1, "few": 0.0, "per_class": [0.1]}}
+    tune.report({**epoch, "diverged": True, "test_all": 0.1,
+                 "outcome": {**report, "class_counts": [10], "diagnostics": {},
+                             "config": config["trial"]}})
+
+
+@pytest.mark.slow
+def test_failed_and_diverged_trials_get_honest_records(tmp_path: Path) -> None:
+    import ray
+    from ray import cloudpickle, tune
+
+    from search.callbacks import MlflowSweepCallback
+    from search.optuna_search import StatusOptunaSearch
+    from spaces import Sampler, fixed_settings, get_space
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers lack tests/ on path
+    uri = local_tracking_uri(tmp_path)
+    optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = StatusOptunaSearch(
+        Sampler("ce", fixed_settings(get_space("ce"), "digits_lt")), metric="val_all",
+        mode="max", seed=0, study_name="faults", storage=optuna.storages.RDBStorage(optuna_url))
+    callback = MlflowSweepCallback(uri, "faults", "faults", {"space": "ce"}, {"num_samples": 4})
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        tune.Tuner(
+            tune.with_resources(_fail_or_diverge, {"cpu": 1}),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=4, reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name="tune", verbose=0,
+                                      callbacks=[callback]),
+        ).fit()
+    finally:
+        ray.shutdown()
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("faults")
+    children = client.search_runs([experiment.experiment_id], "tags.`tailtune.role` = 'trial'")
+    study = optuna.load_study(study_name="faults", storage=optuna_url)
+    assert len(children) == 4 and len(study.trials) == 4
+    by_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    seen = set()
+    for child in children:
+        tags = child.data.tags
+        trial = by_id[tags["tailtune.trial_id"]]
+        expected = "failed" if trial.params["lr"] < LR_SPLIT else "diverged"
+        seen.add(expected)
+        assert tags["tailtune.status"] == expected == trial.user_attrs["tailtune_status"]
+        assert tags["tailtune.node_id"] == "node-x"
+        if expected == "failed":
+            assert child.info.status == "FAILED" and trial.state.name == "FAIL"
+            assert "simulated out of memory" in tags["tailtune.error"]
+        else:
+            assert child.info.status == "FINISHED" and trial.state.name == "COMPLETE"
+            assert child.data.metrics["test_all"] == 0.1
+    assert seen == {"failed", "diverged"}  # with TPE seed 0 both branches are drawn
 
 
 # ---------------------------------------------------------------- a whole sweep

@@ -106,6 +106,8 @@ class EpochReporter:
     def _result(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         result = {key: metrics.get(key) for key in REPORTED if key in metrics}
         result["replayed"] = bool(metrics.get("replayed", False))
+        if result["replayed"]:  # the cache's history keeps the original trial's train time
+            result["train_seconds"] = 0.0
         loss = metrics.get("train_loss")
         result["diverged"] = bool(metrics.get("diverged")) or (
             isinstance(loss, float) and not math.isfinite(loss))

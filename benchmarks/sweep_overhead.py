@@ -1,0 +1,91 @@
+"""How much of a default sweep's wall time is not training: python benchmarks/sweep_overhead.py
+
+Runs `python search/run.py --space S` (the embedded default: digits_lt, 8 trials, ASHA) for each
+space in a fresh results folder and reads the trials' epoch times back from MLflow.
+
+    wall          the whole command, as a user waits for it (Python, Ray start, the sweep, exit)
+    startup       wall minus the sweep loop (imports, dataset check, Ray start and stop)
+    epoch time    the sum over trials of their live epochs' seconds (training + the per-epoch
+                  validation pass; epochs replayed from the stage-1 cache count 0)
+    busy share    epoch time / (wall x concurrent trial slots)
+    overhead      1 - busy share: what the platform (Ray, Tune, MLflow, Optuna, checkpoints,
+                  process start, idle slots at the tail of the sweep) costs on top of training
+
+Options: --spaces ce dro_lt ... (default: all), --json PATH to keep the numbers. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def measure(space: str, storage: Path) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from results.mlflow_logging import local_tracking_uri
+
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "search/run.py", "--space", space, "--name", space,
+                           "--storage", str(storage)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"sweep {space} failed:\n{proc.stdout}\n{proc.stderr}")
+    sweep_seconds = float(re.search(r"Sweep \S+ \w+ in ([\d.]+) s", proc.stdout).group(1))
+    slots = int(re.search(r"(\d+) at a time", proc.stdout).group(1))
+
+    client = MlflowClient(local_tracking_uri(storage))
+    experiment = client.get_experiment_by_name("tailtune")
+    epoch_seconds, train_seconds, live_epochs, statuses = 0.0, 0.0, 0, {}
+    for run in client.search_runs([experiment.experiment_id], "tags.`tailtune.role` = 'trial'"):
+        status = run.data.tags["tailtune.status"]
+        statuses[status] = statuses.get(status, 0) + 1
+        for metric in client.get_metric_history(run.info.run_id, "epoch_seconds"):
+            epoch_seconds += metric.value
+            live_epochs += metric.value > 0
+        train_seconds += sum(m.value for m in
+                             client.get_metric_history(run.info.run_id, "train_seconds"))
+    busy = epoch_seconds / (wall * slots)
+    return {"space": space, "wall_s": round(wall, 1), "sweep_loop_s": sweep_seconds,
+            "startup_s": round(wall - sweep_seconds, 1), "slots": slots,
+            "epoch_s": round(epoch_seconds, 1), "train_s": round(train_seconds, 1),
+            "live_epochs": live_epochs, "busy_share": round(busy, 3),
+            "overhead_share": round(1 - busy, 3), "trials": statuses}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spaces", nargs="+", default=["ce", "dro_lt", "wb", "dro_wb"])
+    parser.add_argument("--json", help="write the measurements here")
+    args = parser.parse_args()
+    rows = []
+    print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    for space in args.spaces:
+        with tempfile.TemporaryDirectory(prefix=f"tailtune-bench-{space}-") as folder:
+            row = measure(space, Path(folder))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'space':<8} {'wall s':>7} {'startup s':>9} {'epoch s':>8} {'slots':>5} "
+          f"{'overhead':>8}  trials")
+    for r in rows:
+        print(f"{r['space']:<8} {r['wall_s']:>7} {r['startup_s']:>9} {r['epoch_s']:>8} "
+              f"{r['slots']:>5} {r['overhead_share']:>8.1%}  {r['trials']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

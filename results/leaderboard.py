@@ -1,0 +1,489 @@
+"""Leaderboard across sweeps, spaces, datasets and imbalance factors, read from MLflow.
+
+    python results/leaderboard.py --experiment NAME [--storage DIR | --mlflow-uri URI]
+        [--group-by sweep|space] [--top N] [--include stopped_early,failed]
+        [--compare SWEEP_OR_SPACE SWEEP_OR_SPACE ...] [--format table|csv|markdown|html]
+        [--output FILE]
+
+Reads the trial runs (tag tailtune.role=trial, schema in results/mlflow_logging.py) of one
+experiment. Trials are grouped by (sweep or space, dataset, imbalance factor, protocol) and ranked
+inside each group by the search objective, validation accuracy `val_all`; test accuracy is shown,
+never used to rank. Finished trials (completed, diverged) rank above the others, whose accuracy
+comes from fewer epochs. Trials stopped early, failed or still running are left out unless
+`--include` names them. Trials whose configuration is equal except for the seed make one row:
+mean and standard deviation over their runs. Under the "paper" protocol the validation metrics are
+measured on the test set (the papers' protocol), and every output says so.
+
+Library: `load_trials` -> `select_trials` -> `leaderboard` or `compare` -> `render`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any, NoReturn
+
+if __name__ == "__main__":  # run as a script: import the package, not the sibling modules
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import pandas as pd  # noqa: E402
+
+GROUPS = ("all", "many", "medium", "few")
+METRICS = tuple(f"{split}_{group}" for split in ("val", "test") for group in GROUPS)
+# Ranking order of trial statuses: finished trials first (their numbers are comparable).
+STATUS_ORDER = ("completed", "diverged", "stopped_early", "running", "failed")
+DEFAULT_STATUSES = ("completed", "diverged")
+FORMATS = ("table", "csv", "markdown", "html")
+GROUP_BY = ("sweep", "space")
+# Params that name where or how a run ran, not what it trained: not part of "the configuration".
+NOT_CONFIG = ("seed", "data_dir", "download")
+NOT_SHOWN = (*NOT_CONFIG, "dataset", "imbalance", "protocol", "method", "device")
+PAPER_LABEL = "paper (val = TEST set)"
+PAPER_NOTE = ("protocol 'paper': the papers' protocol, trials were selected on the TEST set, so "
+              "their 'val' columns are test accuracy and no honest estimate; for comparison with "
+              "published tables only.")
+TRIAL_COLUMNS = ("run_id", "experiment", "sweep", "space", "dataset", "imbalance", "protocol",
+                 "seed", "method", "trial_id", "status", "run_status", "start_time", "epochs_run",
+                 *METRICS, "params", "config_key")
+
+
+class LeaderboardError(ValueError):
+    """Bad input (store, experiment, names, options); the message names it and what is accepted."""
+
+
+# ------------------------------------------------------------------------------------ reading
+def resolve_tracking_uri(storage: str | Path | None = "tailtune_runs",
+                         mlflow_uri: str | None = None) -> str:
+    """The tracking URI to read: `mlflow_uri` as given, else `<storage>/mlflow.db` (search/run.py's
+    default store). A local SQLite store must exist: reading must not create an empty one."""
+    if mlflow_uri:
+        uri = mlflow_uri
+    else:
+        path = Path(storage or "tailtune_runs").expanduser().resolve() / "mlflow.db"
+        uri = f"sqlite:///{path}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise LeaderboardError(
+                f"no MLflow store at {path}; accepted: --storage DIR of a sweep (holding "
+                "mlflow.db) or --mlflow-uri sqlite:///ABS/PATH/mlflow.db | http://HOST:PORT")
+    return uri
+
+
+def load_trials(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """One row per trial run of `experiment` (columns TRIAL_COLUMNS; missing metrics are NaN)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise LeaderboardError(f"unknown experiment {experiment!r} in {tracking_uri}; "
+                                   f"accepted: {', '.join(names) or '(none: the store is empty)'}")
+        runs = _search_all(client, found.experiment_id, "tags.`tailtune.role` = 'trial'")
+    except LeaderboardError:
+        raise
+    except Exception as exc:  # MLflow raises its own and requests' errors for a dead server
+        raise LeaderboardError(f"cannot read MLflow at {tracking_uri}: {_reason(exc)}; accepted: "
+                               "a reachable tracking store (--mlflow-uri, --storage)") from exc
+    rows = [_trial_row(run, experiment) for run in runs]
+    return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    unreachable = ("Max retries exceeded", "ConnectionError", "Connection refused")
+    if any(mark in text for mark in unreachable):
+        return "no server answers there"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string,
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _trial_row(run: Any, experiment: str) -> dict[str, Any]:
+    tags, metrics = run.data.tags, run.data.metrics
+    params = {key: parse_param(value) for key, value in run.data.params.items()}
+    config = {k: v for k, v in params.items() if k not in NOT_CONFIG}
+    return {
+        "run_id": run.info.run_id,
+        "experiment": experiment,
+        "sweep": tags.get("tailtune.sweep", ""),
+        "space": tags.get("tailtune.space", ""),
+        "dataset": tags.get("tailtune.dataset", params.get("dataset", "")),
+        "imbalance": _number(parse_param(tags.get("tailtune.imbalance", "None"))),
+        "protocol": tags.get("tailtune.protocol", params.get("protocol", "")),
+        "seed": params.get("seed", parse_param(tags.get("tailtune.seed", "None"))),
+        "method": tags.get("tailtune.method", params.get("method", "")),
+        "trial_id": tags.get("tailtune.trial_id", run.info.run_name or run.info.run_id[:8]),
+        "status": tags.get("tailtune.status", "running"),
+        "run_status": run.info.status,
+        "start_time": run.info.start_time,
+        "epochs_run": _number(metrics.get("epochs_run")),
+        **{name: _number(metrics.get(name)) for name in METRICS},
+        "params": params,
+        "config_key": json.dumps(config, sort_keys=True, default=str),
+    }
+
+
+def parse_param(text: str | None) -> Any:
+    """An MLflow param string back to the value it was logged from (str(value))."""
+    if text is None or text == "None":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _number(value: Any) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) else math.nan
+
+
+# ------------------------------------------------------------------------------------ tables
+def parse_include(text: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Extra statuses to show besides completed and diverged ('all' for every status)."""
+    if text is None:
+        return ()
+    items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    accepted = (*STATUS_ORDER, "all")
+    for item in items:
+        if item not in accepted:
+            raise LeaderboardError(f"--include {item!r} is not a trial status; accepted: "
+                                   f"{', '.join(accepted)} (comma-separated)")
+    return tuple(items)
+
+
+def select_trials(trials: pd.DataFrame, include: Iterable[str] = ()) -> pd.DataFrame:
+    """Trials whose status is completed, diverged or one of `include` ('all': every trial)."""
+    include = tuple(include)
+    if "all" in include:
+        return trials.copy()
+    keep = {*DEFAULT_STATUSES, *include}
+    return trials[trials["status"].isin(keep)].copy()
+
+
+def leaderboard(trials: pd.DataFrame, group_by: str = "sweep", top: int = 5) -> pd.DataFrame:
+    """Top `top` configurations per (sweep or space, dataset, imbalance, protocol) by val_all.
+
+    One row per configuration: runs equal in every param but the seed are one row with the mean
+    of each metric (and `<metric>_std`, the sample standard deviation, for 2+ runs).
+    """
+    if group_by not in GROUP_BY:
+        raise LeaderboardError(f"--group-by {group_by!r}; accepted: {', '.join(GROUP_BY)}")
+    if top < 1:
+        raise LeaderboardError(f"--top must be an integer >= 1; got {top}")
+    keys = [group_by, "dataset", "imbalance", "protocol"]
+    columns = [*keys, "rank", "trial", "status", "runs", "seeds", *METRICS,
+               *(f"{m}_std" for m in METRICS), "hyperparameters", "run_ids"]
+    if trials.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for key, group in trials.groupby(keys, dropna=False, sort=False):
+        shown = key_params(group)
+        configs = [_config_row(config, group_by) for _, config in
+                   group.groupby("config_key", sort=False)]
+        configs.sort(key=_rank_key)
+        for rank, row in enumerate(configs[:top], 1):
+            del row["_status_rank"]
+            params = row.pop("params")
+            hyper = {name: params.get(name) for name in shown}
+            rows.append({**dict(zip(keys, key, strict=True)), "rank": rank, **row,
+                         "hyperparameters": hyper})
+    frame = pd.DataFrame(rows, columns=columns)
+    order = frame.assign(_imb=frame["imbalance"].fillna(math.inf))
+    order = order.sort_values(["dataset", "_imb", "protocol", group_by, "rank"], kind="stable")
+    return order.drop(columns="_imb").reset_index(drop=True)
+
+
+def compare(trials: pd.DataFrame, names: Sequence[str], top: int = 5,
+            everything: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Sweeps or spaces side by side: one row per (dataset, imbalance, protocol, rank), a block
+    of columns per name. `everything` (all trials, any status) is where names are looked up, so a
+    sweep whose trials are all filtered out is known but shows no row."""
+    if len(names) < 2:
+        raise LeaderboardError(f"--compare needs two or more sweeps or spaces; got {len(names)}")
+    pool = trials if everything is None else everything
+    sweeps, spaces = set(pool["sweep"]), set(pool["space"])
+    keys = ["dataset", "imbalance", "protocol", "rank"]
+    merged: pd.DataFrame | None = None
+    for name in names:
+        if name in sweeps:
+            chosen = trials[trials["sweep"] == name]
+        elif name in spaces:
+            chosen = trials[trials["space"] == name]
+        else:
+            accepted = ", ".join(sorted(sweeps | spaces)) or "(none)"
+            raise LeaderboardError(f"--compare {name!r} is neither a sweep nor a space of this "
+                                   f"experiment; accepted: {accepted}")
+        board = leaderboard(chosen.assign(sweep=name), "sweep", top)
+        block = board[keys + ["trial", *METRICS, *(f"{m}_std" for m in METRICS)]]
+        block = block.rename(columns={c: f"{name}: {c}" for c in block.columns if c not in keys})
+        merged = block if merged is None else merged.merge(block, on=keys, how="outer")
+    assert merged is not None
+    merged = merged.assign(_imb=merged["imbalance"].fillna(math.inf))
+    merged = merged.sort_values(["dataset", "_imb", "protocol", "rank"], kind="stable")
+    return merged.drop(columns="_imb").reset_index(drop=True)
+
+
+def key_params(group: pd.DataFrame) -> list[str]:
+    """The hyperparameters worth a column: the space's searched dimensions, then any other param
+    that varies inside the group."""
+    names: list[str] = []
+    spaces = {s for s in group["space"] if s}
+    for space_name in sorted(spaces):
+        names += [n for n in _space_fields(space_name) if n not in names]
+    params = list(group["params"])
+    every = sorted({k for p in params for k in p})
+    for name in every:
+        if name in NOT_SHOWN or name in names:
+            continue
+        if len({json.dumps(p.get(name), default=str) for p in params}) > 1:
+            names.append(name)
+    present = {k for p in params for k in p}
+    return [n for n in names if n in present]
+
+
+def _space_fields(name: str) -> list[str]:
+    try:
+        from spaces import get_space
+
+        space = get_space(name)
+    except (ImportError, ValueError):  # a space this version does not know: varying params only
+        return []
+    return [dim.config_field for dim in space.dimensions if not dim.derived]
+
+
+def _config_row(config: pd.DataFrame, group_by: str) -> dict[str, Any]:
+    config = config.sort_values("start_time", kind="stable")
+    statuses = list(config["status"])
+    trial_ids = [f"{s}/{t}" if group_by == "space" else str(t)
+                 for s, t in zip(config["sweep"], config["trial_id"], strict=True)]
+    row: dict[str, Any] = {
+        "trial": "+".join(trial_ids),
+        "status": statuses[0] if len(set(statuses)) == 1 else "mixed: " + ",".join(statuses),
+        "runs": len(config),
+        "seeds": ",".join(str(s) for s in sorted(set(config["seed"]), key=str)),
+        "params": config["params"].iloc[0],
+        "run_ids": " ".join(config["run_id"]),
+        "_status_rank": min(_status_rank(s) for s in statuses),
+    }
+    for metric in METRICS:
+        values = config[metric].dropna()
+        row[metric] = float(values.mean()) if len(values) else math.nan
+        row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    return row
+
+
+def _status_rank(status: str) -> int:
+    return STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER)
+
+
+def _rank_key(row: dict[str, Any]) -> tuple[int, float]:
+    val = row["val_all"]
+    return row["_status_rank"], -val if not math.isnan(val) else math.inf
+
+
+# ------------------------------------------------------------------------------------ output
+def render(frame: pd.DataFrame, fmt: str, title: str = "", notes: Sequence[str] = ()) -> str:
+    """The table as text: a terminal table, CSV (raw fractions, every column), Markdown or HTML.
+
+    table / markdown / html show accuracy in % ("mean ± std" over seeds), hyperparameters in one
+    column, and label paper-protocol rows.
+    """
+    if fmt not in FORMATS:
+        raise LeaderboardError(f"--format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    if fmt == "csv":
+        return _csv_frame(frame).to_csv(index=False)
+    shown = display_frame(frame)
+    if fmt == "table":
+        body = (shown.to_markdown(index=False, tablefmt="simple", disable_numparse=True)
+                if len(shown) else "(no trials)")
+        return "\n".join([title, "", body, "", *notes]).strip() + "\n"
+    if fmt == "markdown":
+        body = shown.to_markdown(index=False, disable_numparse=True) if len(shown) else \
+            "_No trials._"
+        parts = [f"## {title}" if title else "", body, "\n".join(f"- {n}" for n in notes)]
+        return "\n\n".join(p for p in parts if p) + "\n"
+    body = shown.to_html(index=False, border=0, na_rep="-", classes="leaderboard")
+    items = "".join(f"<li>{escape(n)}</li>" for n in notes)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
+            f"<style>{_CSS}</style></head>\n<body><h2>{escape(title)}</h2>\n{body}\n"
+            f"<ul>{items}</ul></body></html>\n")
+
+
+_CSS = ("body{font-family:sans-serif} table{border-collapse:collapse} "
+        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right} "
+        "th{background:#f0f0f0}")
+
+
+def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Human-facing version of a leaderboard or compare frame (strings, % with 2 decimals)."""
+    shown = pd.DataFrame(index=frame.index)
+    for column in frame.columns:
+        if column.endswith("_std") or column in ("run_ids",):
+            continue
+        values = frame[column]
+        base = column.split(": ", 1)[-1]
+        if base in METRICS:
+            std = frame.get(f"{column}_std")
+            shown[column] = [_pct(v, None if std is None else std.iloc[i])
+                             for i, v in enumerate(values)]
+        elif column == "imbalance":
+            shown[column] = [_factor(v) for v in values]
+        elif column == "protocol":
+            shown[column] = [PAPER_LABEL if v == "paper" else v for v in values]
+        elif column == "hyperparameters":
+            shown[column] = [" ".join(f"{k}={_short(v)}" for k, v in h.items()) for h in values]
+        else:
+            shown[column] = ["-" if _missing(v) else str(v) for v in values]
+    return shown.rename(columns=lambda c: c.replace("_all", " all").replace("_many", " many")
+                        .replace("_medium", " med").replace("_few", " few")
+                        if c.split(": ", 1)[-1] in METRICS else c)
+
+
+def _csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    if "hyperparameters" in out.columns:
+        names = list(dict.fromkeys(k for h in out["hyperparameters"] for k in h))
+        for name in names:
+            out[f"hp.{name}"] = [h.get(name) for h in out["hyperparameters"]]
+        out = out.drop(columns="hyperparameters")
+    return out
+
+
+def _pct(value: Any, std: Any = None) -> str:
+    if _missing(value):
+        return "-"
+    text = f"{value * 100:.2f}"
+    return text if _missing(std) else f"{text} ± {std * 100:.2f}"
+
+
+def _factor(value: Any) -> str:
+    return "natural" if _missing(value) else f"{value:g}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def default_notes(trials: pd.DataFrame, include: Sequence[str] = ()) -> list[str]:
+    """What the reader must know about `trials` (the ones the table was drawn from, any status):
+    how rows are ranked, which statuses were left out, the paper protocol."""
+    notes = ["Ranked by validation accuracy (val all, the search objective); test accuracy is "
+             "reported, never used to rank. Accuracy in %; 'a ± b': mean ± standard deviation "
+             "over runs of one configuration with different seeds."]
+    if "all" not in include:
+        left = trials[~trials["status"].isin({*DEFAULT_STATUSES, *include})]
+        if len(left):
+            counts = left["status"].value_counts()
+            text = ", ".join(f"{n} {s}" for s, n in counts.items())
+            notes.append(f"Not shown: {text} trials (use --include {','.join(counts.index)}).")
+    if (trials["protocol"] == "paper").any():
+        notes.append(PAPER_NOTE)
+    return notes
+
+
+# ------------------------------------------------------------------------------------ CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="results/leaderboard.py",
+                description="Top trials per sweep or space, dataset and imbalance factor, read "
+                            "from MLflow; ranked by validation accuracy.")
+    p.add_argument("--experiment", default="tailtune", help="MLflow experiment (default: tailtune)")
+    p.add_argument("--storage", default="tailtune_runs",
+                   help="results root of search/run.py, holding mlflow.db (default: "
+                        "./tailtune_runs)")
+    p.add_argument("--mlflow-uri", help="tracking URI instead, e.g. http://HOST:5000")
+    p.add_argument("--group-by", default="sweep", choices=GROUP_BY,
+                   help="rank within each sweep or each space (default: sweep)")
+    p.add_argument("--top", type=int, default=5, help="rows per group (default: 5)")
+    p.add_argument("--include", help="also show these statuses: stopped_early, failed, running, "
+                                     "or all (comma-separated)")
+    p.add_argument("--compare", nargs="+", metavar="SWEEP_OR_SPACE",
+                   help="two or more sweeps or spaces side by side")
+    p.add_argument("--format", default="table", choices=FORMATS, help="(default: table)")
+    p.add_argument("--output", help="write to this file instead of stdout")
+    return p
+
+
+def run(args: argparse.Namespace) -> str:
+    uri = resolve_tracking_uri(args.storage, args.mlflow_uri)
+    include = parse_include(args.include)
+    everything = load_trials(uri, args.experiment)
+    trials = select_trials(everything, include)
+    if args.compare:
+        frame = compare(trials, args.compare, args.top, everything=everything)
+        chosen = everything["sweep"].isin(args.compare) | everything["space"].isin(args.compare)
+        notes = default_notes(everything[chosen], include)
+        title = (f"Experiment {args.experiment!r}: {' vs '.join(args.compare)} "
+                 f"(top {args.top} each)")
+    else:
+        frame = leaderboard(trials, args.group_by, args.top)
+        notes = default_notes(everything, include)
+        title = (f"Experiment {args.experiment!r}: top {args.top} per {args.group_by}, dataset "
+                 f"and imbalance factor ({len(everything)} trials)")
+    return render(frame, args.format, title, notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # A dead server should fail in seconds, not after MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    try:
+        text = run(args)
+    except LeaderboardError as exc:
+        print(f"{build_parser().prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.output:
+        try:
+            Path(args.output).write_text(text)
+        except OSError as exc:
+            print(f"{build_parser().prog}: error: cannot write --output {args.output!r}: "
+                  f"{exc.strerror}; accepted: a writable file path", file=sys.stderr)
+            return 2
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["FORMATS", "LeaderboardError", "compare", "display_frame", "leaderboard",
+           "load_trials", "main", "parse_include", "parse_param", "render",
+           "resolve_tracking_uri", "select_trials"]

@@ -1,0 +1,141 @@
+"""Per-trial plots for a real trial of every method, and per-sweep plots of real Optuna studies,
+written to disk and logged to a real MLflow store."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+from matplotlib.image import imread
+from mlflow.tracking import MlflowClient
+
+from results.mlflow_logging import SweepRecorder, local_tracking_uri
+from results.plots import history_from_run, log_trial_plots, make_trial_plots
+from results.sweep_plots import PLOTS, log_sweep_plots, make_sweep_plots
+from trainables.pipeline import run_trial
+
+TINY = {"dataset": "digits_lt", "device": "cpu", "batch_size": 64, "warmup_epochs": 1}
+METHODS = {
+    "ce": {"method": "ce", "epochs": 2},
+    "dro_lt": {"method": "dro_lt", "epochs": 1, "dro_epochs": 1, "cls_epochs": 1,
+               "radius": "learned"},
+    "wb": {"method": "wb", "epochs": 1, "cls_epochs": 1},
+    "dro_wb": {"method": "dro_wb", "epochs": 1, "dro_epochs": 1, "cls_epochs": 1,
+               "radius": "count"},
+}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict]:
+    return {name: run_trial({**TINY, **config}) for name, config in METHODS.items()}
+
+
+def _is_png(path: Path) -> bool:
+    image = imread(path)
+    return path.read_bytes()[:8] == PNG_MAGIC and image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_plot_of_a_trial_is_written(results: dict, method: str, tmp_path: Path) -> None:
+    result = results[method]
+    files = make_trial_plots(result, tmp_path)
+    names = [f.name for f in files]
+    has_dro = result["diagnostics"]["radii"] is not None
+    assert has_dro == method.startswith("dro")
+    expected = ["per_class_accuracy.png", "weight_norms.png",
+                *(["radii.png"] if has_dro else []), "learning_curves.png"]
+    assert names == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
+    for path in files:
+        assert path.stat().st_size > 10_000 and _is_png(path), path
+
+
+def test_plots_tolerate_missing_groups_and_history(results: dict, tmp_path: Path) -> None:
+    """An outcome as the Tune adapter reports it: no history; a group without classes (None)."""
+    result = {key: value for key, value in results["ce"].items() if key != "history"}
+    result["val"] = {**result["val"], "many": None,
+                     "per_class": [None, *result["val"]["per_class"][1:]]}
+    names = [path.name for path in make_trial_plots(result, tmp_path)]
+    assert names == ["per_class_accuracy.png", "weight_norms.png"]
+
+
+def test_log_trial_plots_rebuilds_curves_from_the_run(results: dict, tmp_path: Path) -> None:
+    """The sweep callback's path: epochs logged as metrics, then the outcome without history."""
+    result = results["dro_lt"]
+    uri = local_tracking_uri(tmp_path)
+    recorder = SweepRecorder(uri, "plots", "sweep", {"space": "dro_lt", "dataset": "digits_lt"})
+    recorder.start({})
+    run_id = recorder.trial_run("t1", result["config"])
+    for epoch in result["history"]:
+        recorder.log_epoch("t1", epoch)
+    outcome = {key: value for key, value in result.items() if key != "history"}
+    recorder.finish_trial("t1", "completed", result["history"][-1], outcome)
+    client = MlflowClient(uri)
+
+    history = history_from_run(client, run_id, result["config"])
+    assert [row["epoch"] for row in history] == [row["epoch"] for row in result["history"]]
+    assert [row["phase"] for row in history] == [row["phase"] for row in result["history"]]
+    for mine, original in zip(history, result["history"], strict=True):
+        assert mine["val_all"] == pytest.approx(original["val_all"])
+        assert mine["train_loss"] == pytest.approx(original["train_loss"])
+
+    logged = log_trial_plots(client, run_id, outcome)
+    assert logged == ["plots/per_class_accuracy.png", "plots/weight_norms.png",
+                      "plots/radii.png", "plots/learning_curves.png"]
+    assert sorted(a.path for a in client.list_artifacts(run_id, "plots")) == sorted(logged)
+    folder = Path(client.download_artifacts(run_id, "plots", str(tmp_path / "down")))
+    for name in logged:
+        assert _is_png(folder / Path(name).name)
+
+
+def _study(n_trials: int, seed: int = 0) -> optuna.Study:
+    """A real study of a quick objective with a log-scale, a linear and a categorical parameter;
+    its last trial is pruned, as ASHA-stopped trials are in a sweep's study."""
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+        lam = trial.suggest_float("lam", 0.05, 0.95)
+        radius = trial.suggest_categorical("radius", ["erm", "shared", "learned"])
+        return 1 - abs(math.log10(lr) + 2) / 2 - (lam - 0.3) ** 2 + 0.05 * (radius != "erm")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", study_name=f"s{n_trials}",
+                                sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(objective, n_trials=n_trials)
+    pruned = study.ask()
+    pruned.suggest_float("lr", 1e-3, 1e-1, log=True)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    return study
+
+
+def test_sweep_plots_html_and_png(tmp_path: Path) -> None:
+    files = make_sweep_plots(_study(8), tmp_path)
+    assert [f.name for f in files] == [f"{name}.{ext}" for name in PLOTS for ext in ("html", "png")]
+    for path in files:
+        if path.suffix == ".png":
+            assert _is_png(path)
+        else:
+            text = path.read_text()
+            assert "plotly" in text.lower() and "val_all" in text
+
+
+def test_sweep_plots_skip_what_optuna_cannot_draw(tmp_path: Path) -> None:
+    one = make_sweep_plots(_study(1), tmp_path / "one")  # importances need two trials
+    assert [f.name for f in one] == ["optimization_history.html", "optimization_history.png",
+                                     "parallel_coordinate.html", "parallel_coordinate.png"]
+    empty = optuna.create_study(direction="maximize")
+    assert make_sweep_plots(empty, tmp_path / "none") == []
+
+
+def test_log_sweep_plots_to_the_parent_run(tmp_path: Path) -> None:
+    uri = local_tracking_uri(tmp_path)
+    recorder = SweepRecorder(uri, "sweep-plots", "s", {"space": "dro_lt"})
+    parent = recorder.start({})
+    client = MlflowClient(uri)
+    logged = log_sweep_plots(client, parent, _study(5, seed=1))
+    assert sorted(a.path for a in client.list_artifacts(parent, "plots")) == sorted(logged)
+    assert len(logged) == 2 * len(PLOTS)
+    for artifact in client.list_artifacts(parent, "plots"):
+        assert artifact.file_size > 1000
