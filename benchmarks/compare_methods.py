@@ -7,8 +7,8 @@ test accuracy (all / many / medium / few) as mean ± sample std over seeds, the 
 spread max/min after stage 1 and at the end, and the mean radius for DRO runs. For DRO rows it
 also measures whether eps is on the scale of the features (see `feature_geometry`).
 
-    nice -n 10 .venv/bin/python benchmarks/compare_methods.py --study all \
-        --seeds 0 1 2 3 4 --out benchmarks/results/digits_methods.md
+    nice -n 10 .venv/bin/python benchmarks/compare_methods.py --study all --seeds 0 1 2 3 4 \
+        --extra-eps 10 --wb-lr 0.05 0.1 --out benchmarks/results/digits_methods.md
 
 The results file is rewritten after every finished row, so a partial run leaves partial results.
 """
@@ -107,12 +107,12 @@ def feature_geometry(model_state: dict[str, Any], config: TrialConfig,
                      probe_eps: tuple[float, ...] = PROBE_EPS) -> dict[str, float]:
     """How eps compares with the feature scale, for the model in `model_state`.
 
-    Distances (median over classes): between centroids, from a training image to its own
-    centroid, and to the nearest other centroid. `effect@eps` is (L_DRO(eps) - L_DRO(0)) / eps
-    with a shared radius, over training batches: since the loss changes by
-    log(P + Q e^eps) with P, Q the own-class / other-class softmax mass, this ratio lies in
-    [0, 1]: near 0 the radius changes neither loss nor gradients (eps too small for the
-    feature scale), near 1 it fully applies.
+    Medians of: distances between centroids (and their minimum), the distance from a clean
+    training image to its own centroid and to the nearest other centroid, the feature norm.
+    `effect@eps` is (L_DRO(eps) - L_DRO(0)) / eps with a shared radius, over training batches:
+    the loss changes by log(P + Q e^eps), with P, Q the own-class / other-class softmax mass,
+    so the ratio lies in [0, 1]: near 0 the radius barely changes the loss or its gradients
+    (eps too small for the feature scale), near 1 it fully applies.
     """
     dataset = build_dataset(config.dataset, imbalance=config.imbalance, profile=config.profile,
                             protocol=config.protocol, data_dir=config.data_dir,
@@ -431,11 +431,18 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [dro_lt_study(args.extra_eps)] if "dro_lt" in names else []
     if "weight_balancing" in names:
         chosen += [weight_balancing_study(lr) for lr in dict.fromkeys(args.wb_lr)]
+    known = {row for study in chosen for row, _ in study.rows}
+    unknown = sorted(set(args.rows or ()) - known)
+    if unknown:
+        print(f"error: unknown row {unknown[0]!r}; accepted: {', '.join(sorted(known))}",
+              file=sys.stderr)
+        return 2
     studies: dict[str, Study] = {}
     for study in chosen:
         study.rows = [(row, {**values, **override}) for row, values in study.rows
                       if not args.rows or row in args.rows]
-        studies[study.title] = study
+        if study.rows:
+            studies[study.title] = study
     command = "nice -n 10 " + shlex.join([".venv/bin/python", "benchmarks/compare_methods.py",
                                           *(argv if argv is not None else sys.argv[1:])])
     env = environment()

@@ -412,13 +412,15 @@ def default_notes(trials: pd.DataFrame, include: Sequence[str] = ()) -> list[str
 
 
 # ------------------------------------------------------------------------------------ CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
+class CliParser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="results/leaderboard.py",
+    p = CliParser(prog="results/leaderboard.py",
                 description="Top trials per sweep or space, dataset and imbalance factor, read "
                             "from MLflow; ranked by validation accuracy.")
     p.add_argument("--experiment", default="tailtune", help="MLflow experiment (default: tailtune)")
@@ -484,6 +486,6 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["FORMATS", "LeaderboardError", "compare", "display_frame", "leaderboard",
-           "load_trials", "main", "parse_include", "parse_param", "render",
+__all__ = ["FORMATS", "CliParser", "LeaderboardError", "compare", "display_frame",
+           "leaderboard", "load_trials", "main", "parse_include", "parse_param", "render",
            "resolve_tracking_uri", "select_trials"]

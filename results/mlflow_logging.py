@@ -18,9 +18,10 @@ Schema (what results/leaderboard.py and users can rely on):
     completed | stopped_early (ASHA or the time budget ended it) | diverged | failed.
   Params: the full trial config (every TrialConfig field).
   Metrics per epoch, step = epoch (1-based, global over phases): val_all, val_many, val_medium,
-    val_few, train_loss, lr, images_per_second, epoch_seconds, train_seconds, ncm_* (the
-    nearest-class-mean accuracy of the features, DRO phase). Epochs replayed from the stage-1
-    cache are logged too (epoch_seconds 0), so every trial has the same steps.
+    val_few, train_loss, lr, images_per_second, epoch_seconds, train_seconds, trial_seconds
+    (since the trial process started it, data loading included), ncm_* (the nearest-class-mean
+    accuracy of the features, DRO phase). Epochs replayed from the stage-1 cache are logged
+    too (epoch_seconds 0), so every trial has the same steps.
   Final metrics (step = epochs run): val_all, val_many, val_medium, val_few, test_all,
     test_many, test_medium, test_few, epochs_run. A Many/Medium/Few group without classes has
     no metric (missing, never 0). Only completed and diverged trials have test_* metrics.
@@ -56,8 +57,8 @@ TRIAL_ID = "tailtune.trial_id"
 PARENT = "mlflow.parentRunId"
 TRIAL_STATUSES = ("completed", "stopped_early", "diverged", "failed")
 EPOCH_METRICS = ("val_all", "val_many", "val_medium", "val_few", "train_loss", "lr",
-                 "images_per_second", "epoch_seconds", "train_seconds", "ncm_all", "ncm_many",
-                 "ncm_medium", "ncm_few")
+                 "images_per_second", "epoch_seconds", "train_seconds", "trial_seconds",
+                 "ncm_all", "ncm_many", "ncm_medium", "ncm_few")
 GROUPS = ("all", "many", "medium", "few")
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 
@@ -155,6 +156,10 @@ class SweepRecorder:
         self.client.set_tag(run_id, STATUS, "running")
         self._children[trial_id] = run_id
         return run_id
+
+    def has_run(self, trial_id: str) -> bool:
+        """Whether this recorder has the trial's run open."""
+        return trial_id in self._children
 
     def log_epoch(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
         """One epoch's metrics at step = epoch (buffered up to flush_interval_s); epochs logged

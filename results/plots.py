@@ -16,20 +16,34 @@ metrics):
                           phases marked.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas: no pyplot state, no display.
+
+Plots for trials already recorded (a sweep run before plots were logged), rebuilt from each run's
+artifacts (config.json, per_class.csv, diagnostics.json) and metric history:
+
+    python results/plots.py --experiment NAME [--sweep SWEEP] [--storage DIR | --mlflow-uri URI]
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+if __name__ == "__main__":  # run as a script: import the package, not the sibling modules
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
-from trainables.evaluation import FEW_THRESHOLD, MANY_THRESHOLD
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from trainables.evaluation import FEW_THRESHOLD, MANY_THRESHOLD  # noqa: E402
 
 ARTIFACT_DIR = "plots"
 PLOT_FILES = ("per_class_accuracy.png", "weight_norms.png", "radii.png", "learning_curves.png")
@@ -93,6 +107,40 @@ def history_from_run(client: Any, run_id: str,
             row["phase"] = phases[epoch]
         history.append(row)
     return history
+
+
+def result_from_run(client: Any, run_id: str) -> dict[str, Any]:
+    """A trial's result rebuilt from its MLflow records (what log_trial_plots needs).
+
+    Raises FileNotFoundError when the run has no per_class.csv (a trial that did not finish).
+    """
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if "per_class.csv" not in names:
+        raise FileNotFoundError(f"run {run_id} has no per_class.csv")
+    with tempfile.TemporaryDirectory(prefix="tailtune-run-") as folder:
+        def read(name: str) -> str:
+            if name not in names:
+                return ""
+            return Path(client.download_artifacts(run_id, name, folder)).read_text()
+
+        config = json.loads(read("config.json") or "{}")
+        diagnostics = json.loads(read("diagnostics.json") or "{}")
+        rows = list(csv.DictReader(read("per_class.csv").splitlines()))
+    run = client.get_run(run_id)
+    metrics = run.data.metrics
+    splits = {split: {**{g: metrics.get(f"{split}_{g}") for g in ("all", "many", "medium", "few")},
+                      "per_class": [float(r[f"{split}_acc"]) if r[f"{split}_acc"] else None
+                                    for r in rows]}
+              for split in ("val", "test")}
+    imbalance = run.data.tags.get("tailtune.imbalance")
+    return {
+        **splits,
+        "class_counts": [int(r["train_count"]) for r in rows],
+        "diagnostics": diagnostics,
+        "config": config,
+        "protocol": run.data.tags.get("tailtune.protocol", config.get("protocol")),
+        "dataset": {"imbalance": float(imbalance)} if imbalance not in (None, "None") else {},
+    }
 
 
 # ------------------------------------------------------------------------------------- figures
@@ -298,5 +346,52 @@ def _floats(values: Sequence[Any]) -> list[float]:
     return [_float(v) for v in values]
 
 
+# ------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from results.leaderboard import CliParser, LeaderboardError, resolve_tracking_uri
+
+    parser = CliParser(prog="results/plots.py",
+                     description="Log the per-trial plots of recorded trials that lack them.")
+    parser.add_argument("--experiment", default="tailtune", help="(default: tailtune)")
+    parser.add_argument("--sweep", help="only this sweep's trials")
+    parser.add_argument("--storage", default="tailtune_runs", help="(default: ./tailtune_runs)")
+    parser.add_argument("--mlflow-uri", help="tracking URI instead of <storage>/mlflow.db")
+    parser.add_argument("--force", action="store_true", help="also trials that have plots")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per trial
+    try:
+        client = MlflowClient(resolve_tracking_uri(args.storage, args.mlflow_uri))
+        experiment = client.get_experiment_by_name(args.experiment)
+        if experiment is None:
+            raise LeaderboardError(f"unknown experiment {args.experiment!r}; accepted: "
+                                   + ", ".join(e.name for e in client.search_experiments()))
+    except LeaderboardError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    query = "tags.`tailtune.role` = 'trial'"
+    if args.sweep:
+        query += f" AND tags.`tailtune.sweep` = '{args.sweep}'"
+    done = 0
+    for run in client.search_runs([experiment.experiment_id], query, max_results=10_000):
+        has_plots = any(a.path == ARTIFACT_DIR for a in client.list_artifacts(run.info.run_id))
+        if has_plots and not args.force:
+            continue
+        try:
+            result = result_from_run(client, run.info.run_id)
+        except FileNotFoundError:  # stopped early or failed: nothing final to plot
+            continue
+        logged = log_trial_plots(client, run.info.run_id, result)
+        print(f"{run.data.tags.get('tailtune.sweep')}/{run.info.run_name}: {', '.join(logged)}")
+        done += 1
+    print(f"plots logged for {done} trials")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
 __all__ = ["ARTIFACT_DIR", "PLOT_FILES", "history_from_run", "log_trial_plots",
-           "make_trial_plots"]
+           "make_trial_plots", "result_from_run"]

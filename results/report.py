@@ -15,13 +15,12 @@ paper does not give is "-".
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 if __name__ == "__main__":  # run as a script: import the package, not the sibling modules
     _here = Path(__file__).resolve().parent
@@ -31,6 +30,7 @@ if __name__ == "__main__":  # run as a script: import the package, not the sibli
 import pandas as pd  # noqa: E402
 
 from results.leaderboard import (  # noqa: E402
+    CliParser,
     LeaderboardError,
     load_trials,
     resolve_tracking_uri,
@@ -235,13 +235,8 @@ def render_report(trials: pd.DataFrame, experiment: str, tracking_uri: str) -> s
 
 
 # ------------------------------------------------------------------------------------ CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="results/report.py",
+def build_parser() -> CliParser:
+    p = CliParser(prog="results/report.py",
                 description="Best measured accuracy per method and imbalance factor beside the "
                             "published numbers, as Markdown.")
     p.add_argument("--experiment", default="tailtune", help="MLflow experiment (default: tailtune)")

@@ -13,11 +13,13 @@ Trials ASHA stopped early are PRUNED in the study (search/optuna_search.py), so 
 completed trials only, like Optuna's.
 
     python results/sweep_plots.py --name SWEEP [--storage DIR] [--mlflow-uri URI]
+
+The HTML files load plotly.js from its CDN when opened (small artifacts; the PNGs need nothing);
+`plotlyjs=True` / `--offline-html` embeds it instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -42,12 +44,14 @@ class SweepPlotError(ValueError):
     """Bad input for the sweep-plot CLI; the message names the value and what is accepted."""
 
 
-def make_sweep_plots(study: Any, out_dir: str | Path,
-                     target_name: str = OBJECTIVE_NAME) -> list[Path]:
+def make_sweep_plots(study: Any, out_dir: str | Path, target_name: str = OBJECTIVE_NAME,
+                     plotlyjs: str | bool = "cdn") -> list[Path]:
     """Write `<plot>.html` and `<plot>.png` for each plot that the study can give; returns them.
 
     A plot Optuna cannot draw for this study (no completed trial; importances with fewer than
-    two completed trials or no varying parameter) is skipped with a log message.
+    two completed trials or no varying parameter) is skipped with a log message. `plotlyjs`:
+    "cdn" loads plotly.js from its CDN when the page opens (a few kB per file); True embeds it
+    (about 4.8 MB per file) for viewing without network access.
     """
     import optuna.visualization as plotly_vis
     import optuna.visualization.matplotlib as mpl_vis
@@ -73,17 +77,17 @@ def make_sweep_plots(study: Any, out_dir: str | Path,
             log.info("sweep plot %s skipped: %s", name, exc)
             continue
         html = out / f"{name}.html"
-        # The plotly bundle inline: the artifact opens without network access.
-        figure.write_html(str(html), include_plotlyjs=True, full_html=True)
+        figure.write_html(str(html), include_plotlyjs=plotlyjs, full_html=True)
         written.append(html)
         written.append(_save_axes(axes, out / f"{name}.png"))
     return written
 
 
-def log_sweep_plots(client: Any, parent_run_id: str, study: Any) -> list[str]:
+def log_sweep_plots(client: Any, parent_run_id: str, study: Any,
+                    plotlyjs: str | bool = "cdn") -> list[str]:
     """Make the sweep plots and log them to the parent run under `plots/`; returns their paths."""
     with tempfile.TemporaryDirectory(prefix="tailtune-sweep-plots-") as folder:
-        files = make_sweep_plots(study, folder)
+        files = make_sweep_plots(study, folder, plotlyjs=plotlyjs)
         if files:
             client.log_artifacts(parent_run_id, folder, artifact_path=ARTIFACT_DIR)
     return [f"{ARTIFACT_DIR}/{path.name}" for path in files]
@@ -152,27 +156,27 @@ def find_parent_run(client: Any, name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="results/sweep_plots.py",
-                                     description="Log a sweep's Optuna plots to its MLflow run.")
+    from mlflow.tracking import MlflowClient
+
+    from results.leaderboard import CliParser, LeaderboardError, resolve_tracking_uri
+
+    parser = CliParser(prog="results/sweep_plots.py",
+                     description="Log a sweep's Optuna plots to its MLflow parent run.")
     parser.add_argument("--name", required=True, help="the sweep name")
     parser.add_argument("--storage", default="tailtune_runs",
                         help="results root of search/run.py (default: ./tailtune_runs)")
     parser.add_argument("--mlflow-uri", help="tracking URI (default: <storage>/mlflow.db)")
-    parser.add_argument("--out", help="also keep the files in this folder")
+    parser.add_argument("--offline-html", action="store_true",
+                        help="embed plotly.js in the HTML files (about 4.8 MB each)")
     args = parser.parse_args(argv)
-    from mlflow.tracking import MlflowClient
-
-    from results.leaderboard import LeaderboardError, resolve_tracking_uri
-
     try:
         study = load_study(args.storage, args.name)
         client = MlflowClient(resolve_tracking_uri(args.storage, args.mlflow_uri))
         run_id = find_parent_run(client, args.name)
-        logged = log_sweep_plots(client, run_id, study)
-        if args.out:
-            make_sweep_plots(study, args.out)
+        logged = log_sweep_plots(client, run_id, study,
+                                 plotlyjs=True if args.offline_html else "cdn")
     except (SweepPlotError, LeaderboardError) as exc:
-        print(f"sweep_plots: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     print(f"logged {len(logged)} files to run {run_id}: {', '.join(logged) or 'none'}")
     return 0

@@ -47,11 +47,14 @@ class MlflowSweepCallback(Callback):
     def setup(self, **info: Any) -> None:
         self.recorder  # noqa: B018 - find or create the parent run before any trial
 
-    def _run(self, trial: Any) -> str:
+    def _run(self, trial: Any) -> None:
+        if self.recorder.has_run(trial.trial_id):
+            return
         from trainables.config import TrialConfig
 
+        # the full config: the sampled one with every default the pipeline will use
         config = TrialConfig.from_dict(trial.config["trial"]).to_dict()
-        return self.recorder.trial_run(trial.trial_id, config)
+        self.recorder.trial_run(trial.trial_id, config)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._run(trial)
@@ -59,12 +62,16 @@ class MlflowSweepCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         self._run(trial)
-        node = result.get("node_id")
-        if node and self._nodes.get(trial.trial_id) != node:
-            self.recorder.set_tag(trial.trial_id, "node_id", node)
-            self._nodes[trial.trial_id] = node
+        self._tag_node(trial.trial_id, result)
         if "epoch" in result:
             self.recorder.log_epoch(trial.trial_id, result)
+
+    def _tag_node(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        # the node can change when a failed trial is retried elsewhere
+        node = result.get("node_id")
+        if node and self._nodes.get(trial_id) != node:
+            self.recorder.set_tag(trial_id, "node_id", node)
+            self._nodes[trial_id] = node
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, error=False)
@@ -76,12 +83,9 @@ class MlflowSweepCallback(Callback):
         self._run(trial)
         last = trial.last_result or {}
         status = trial_status(last, error)
-        message = None
-        if error:
-            message = _error_text(trial)
+        self._tag_node(trial.trial_id, last)
         outcome = last.get("outcome") if status in ("completed", "diverged") else None
-        if last.get("node_id"):
-            self.recorder.set_tag(trial.trial_id, "node_id", last["node_id"])
+        message = _error_text(trial) if error else None
         self.recorder.finish_trial(trial.trial_id, status, last, outcome, message)
 
 

@@ -35,7 +35,7 @@ def header(plan: SweepPlan, resources: Any) -> str:
 
 def final_report(plan: SweepPlan, outcome: SweepOutcome) -> str:
     o = plan.options
-    rows = rows_from_results(outcome.results)
+    rows = rows_from_results(outcome.results, interrupted=outcome.status != "completed")
     protocol = plan.dataset["protocol"]
     lines = [f"Sweep {o.name} {outcome.status} in {outcome.wall_seconds:.1f} s", "",
              leaderboard(rows, o.top, protocol), "", best_line(rows, protocol), ""]

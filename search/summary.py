@@ -30,8 +30,11 @@ class TrialRow:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def rows_from_results(results: Any) -> list[TrialRow]:
-    """TrialRows from a Tune ResultGrid, ranked (see the module docstring)."""
+def rows_from_results(results: Any, interrupted: bool = False) -> list[TrialRow]:
+    """TrialRows from a Tune ResultGrid, ranked (see the module docstring).
+
+    Trials Tune had not ended are "unfinished" when the sweep was interrupted (--resume goes
+    on with them), else "stopped_early" (the time budget ended them)."""
     rows = []
     # ResultGrid keeps no trial state; its analysis does (same order as the results).
     analysis = getattr(results, "_experiment_analysis", None)
@@ -40,7 +43,7 @@ def rows_from_results(results: Any) -> list[TrialRow]:
         metrics = result.metrics or {}
         status = trial_status(metrics, result.error is not None)
         if index < len(states) and states[index] not in ENDED:
-            status = "unfinished"
+            status = "unfinished" if interrupted else "stopped_early"
         config = result.config or {}
         rows.append(TrialRow(
             trial_id=str(metrics.get("trial_id") or _trial_id(result)),

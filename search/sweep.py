@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,11 @@ class SweepPlan:
         return f"sqlite:///{self.sweep_dir / 'optuna.db'}"
 
     @property
+    def params(self) -> dict[str, Any]:
+        """The sweep options, as the parent run's params."""
+        return {k: v for k, v in vars(self.options).items() if k != "resume"}
+
+    @property
     def tags(self) -> dict[str, Any]:
         o = self.options
         return {"space": o.space, "dataset": o.dataset, "seed": o.seed,
@@ -63,7 +68,6 @@ class SweepOutcome:
     results: Any  # Tune ResultGrid
     wall_seconds: float
     parent_run_id: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_sweep(options: SweepOptions) -> SweepPlan:
@@ -124,10 +128,9 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
         study_name=options.name, storage=optuna.storages.RDBStorage(plan.optuna_url),
         report_epochs=plan.rungs,
     )
-    params = {k: v for k, v in vars(options).items() if k not in ("resume",)}
     callbacks = [
         MlflowSweepCallback(plan.tracking_uri, options.experiment, str(options.name), plan.tags,
-                            params),
+                            plan.params),
         ProgressCallback(options.num_samples),
     ]
     return tune.Tuner(
@@ -162,8 +165,7 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
     if not options.resume:
         options.save()
     recorder = SweepRecorder(plan.tracking_uri, options.experiment, str(options.name), plan.tags)
-    params = {k: v for k, v in vars(options).items() if k not in ("resume",)}
-    parent = recorder.start(params)  # fails here, not mid-sweep, if MLflow is unreachable
+    parent = recorder.start(plan.params)  # fails here, not mid-sweep, if MLflow is unreachable
     status, results = "failed", None
     try:
         results = build_tuner(plan, resources).fit()
@@ -177,7 +179,7 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
     finally:
         summary: dict[str, float] = {}
         if results is not None:
-            rows = rows_from_results(results)
+            rows = rows_from_results(results, interrupted=status != "completed")
             best = best_completed(rows)
             if best is not None:
                 summary.update({"best_val_all": best.val["all"], "best_test_all": best.test["all"]})

@@ -103,7 +103,7 @@ def sweep(server: str) -> str:
     recorder = SweepRecorder(server, EXPERIMENT, "served-sweep", tags)
     recorder.start({"space": "ce", "num_samples": len(TRIALS)})
     for trial_id, lr in TRIALS.items():
-        config = TrialConfig.from_dict({"dataset": "digits_lt", "epochs": 2, "lr": lr,
+        config = TrialConfig.from_dict({"dataset": "digits_lt", "epochs": 1, "lr": lr,
                                         "warmup_epochs": 1, "batch_size": 64,
                                         "device": "cpu"}).to_dict()
         run_id = recorder.trial_run(trial_id, config)

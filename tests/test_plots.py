@@ -12,7 +12,8 @@ from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
 from results.mlflow_logging import SweepRecorder, local_tracking_uri
-from results.plots import history_from_run, log_trial_plots, make_trial_plots
+from results.plots import history_from_run, log_trial_plots, make_trial_plots, result_from_run
+from results.plots import main as plots_main
 from results.sweep_plots import PLOTS, log_sweep_plots, make_sweep_plots
 from trainables.pipeline import run_trial
 
@@ -62,19 +63,31 @@ def test_plots_tolerate_missing_groups_and_history(results: dict, tmp_path: Path
     assert names == ["per_class_accuracy.png", "weight_norms.png"]
 
 
-def test_log_trial_plots_rebuilds_curves_from_the_run(results: dict, tmp_path: Path) -> None:
-    """The sweep callback's path: epochs logged as metrics, then the outcome without history."""
+@pytest.fixture
+def recorded(results: dict, tmp_path: Path) -> tuple[str, dict, list[str]]:
+    """A DRO-LT trial recorded twice as the sweep callback records it: epochs as metrics, then
+    the outcome without history. Returns (tracking uri, outcome, run ids)."""
     result = results["dro_lt"]
     uri = local_tracking_uri(tmp_path)
-    recorder = SweepRecorder(uri, "plots", "sweep", {"space": "dro_lt", "dataset": "digits_lt"})
+    recorder = SweepRecorder(uri, "plots", "sweep", {"space": "dro_lt", "dataset": "digits_lt",
+                                                     "imbalance": 10.0, "protocol": "holdout"})
     recorder.start({})
-    run_id = recorder.trial_run("t1", result["config"])
-    for epoch in result["history"]:
-        recorder.log_epoch("t1", epoch)
     outcome = {key: value for key, value in result.items() if key != "history"}
-    recorder.finish_trial("t1", "completed", result["history"][-1], outcome)
-    client = MlflowClient(uri)
+    run_ids = []
+    for trial_id in ("t1", "t2"):
+        run_ids.append(recorder.trial_run(trial_id, result["config"]))
+        for epoch in result["history"]:
+            recorder.log_epoch(trial_id, epoch)
+        recorder.finish_trial(trial_id, "completed", result["history"][-1], outcome)
+    recorder.finish("completed")
+    return uri, outcome, run_ids
 
+
+def test_log_trial_plots_rebuilds_curves_from_the_run(results: dict, recorded: tuple,
+                                                      tmp_path: Path) -> None:
+    uri, outcome, (run_id, _) = recorded
+    result = results["dro_lt"]
+    client = MlflowClient(uri)
     history = history_from_run(client, run_id, result["config"])
     assert [row["epoch"] for row in history] == [row["epoch"] for row in result["history"]]
     assert [row["phase"] for row in history] == [row["phase"] for row in result["history"]]
@@ -89,6 +102,29 @@ def test_log_trial_plots_rebuilds_curves_from_the_run(results: dict, tmp_path: P
     folder = Path(client.download_artifacts(run_id, "plots", str(tmp_path / "down")))
     for name in logged:
         assert _is_png(folder / Path(name).name)
+
+
+def test_recorded_trials_get_their_plots_afterwards(recorded: tuple, capsys) -> None:
+    """results/plots.py rebuilds a trial's result from its artifacts and logs the plots."""
+    uri, outcome, run_ids = recorded
+    client = MlflowClient(uri)
+    rebuilt = result_from_run(client, run_ids[1])
+    assert rebuilt["class_counts"] == outcome["class_counts"]
+    for split in ("val", "test"):
+        assert rebuilt[split]["per_class"] == pytest.approx(outcome[split]["per_class"])
+        assert rebuilt[split]["all"] == pytest.approx(outcome[split]["all"])
+    assert rebuilt["diagnostics"]["radii"] == pytest.approx(outcome["diagnostics"]["radii"])
+    assert rebuilt["config"] == outcome["config"]
+
+    folder = uri.removeprefix("sqlite:///").removesuffix("/mlflow.db")
+    assert plots_main(["--storage", folder, "--experiment", "plots"]) == 0
+    assert "plots logged for 2 trials" in capsys.readouterr().out
+    for run_id in run_ids:
+        names = sorted(a.path for a in client.list_artifacts(run_id, "plots"))
+        assert names == ["plots/learning_curves.png", "plots/per_class_accuracy.png",
+                         "plots/radii.png", "plots/weight_norms.png"]
+    assert plots_main(["--storage", folder, "--experiment", "plots"]) == 0  # nothing left to do
+    assert "plots logged for 0 trials" in capsys.readouterr().out
 
 
 def _study(n_trials: int, seed: int = 0) -> optuna.Study:
@@ -118,7 +154,13 @@ def test_sweep_plots_html_and_png(tmp_path: Path) -> None:
             assert _is_png(path)
         else:
             text = path.read_text()
-            assert "plotly" in text.lower() and "val_all" in text
+            assert 'src="https://cdn.plot.ly' in text and "val_all" in text
+
+
+def test_sweep_plots_offline_html_embeds_plotly(tmp_path: Path) -> None:
+    files = make_sweep_plots(_study(3), tmp_path, plotlyjs=True)
+    html = next(f for f in files if f.name == "optimization_history.html")
+    assert 'src="https://cdn.plot.ly' not in html.read_text() and html.stat().st_size > 1_000_000
 
 
 def test_sweep_plots_skip_what_optuna_cannot_draw(tmp_path: Path) -> None:

@@ -67,6 +67,8 @@ class TrialConfig:
     dro_freeze_classifier: bool = False
     # classifier phase on frozen features
     classifier: str = "none"
+    cls_reinit: bool = False  # re-initialise the classifier first (Kang et al.'s cRT)
+    cls_reinit: bool = False  # re-initialise the classifier first (Kang et al.'s cRT)
     cls_epochs: int = 10
     cls_lr: float = 0.01
     cls_weight_decay: float = 5e-4
@@ -231,6 +233,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 0.01,
         "weight_decay": 5e-3,
         "schedule": "cosine",
+        "warmup_epochs": 0,
         "classifier": "retrain",
         "cls_epochs": 10,
         "cls_lr": 0.01,

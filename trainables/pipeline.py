@@ -54,7 +54,7 @@ class PhaseSpec:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     warmup_epochs: int = 0
     features_frozen: bool = False
-    before_epoch: Callable[[], None] | None = None
+    before_epoch: Callable[[int], None] | None = None
     after_step: Callable[[], None] | None = None
     after_epoch: Callable[[], dict[str, Any]] | None = None
     extra_state: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +100,7 @@ class TrialRunner:
         self.history: list[dict[str, Any]] = []
         self.diagnostics: dict[str, Any] = {}
         self.centroids: torch.Tensor | None = None
+        self._fresh_clean_centroids: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- entry
     def run(self) -> dict[str, Any]:
@@ -125,7 +126,7 @@ class TrialRunner:
             return self._run_stage1(resume)
         if phase == "dro":
             return self._train_phase(index, self._dro_spec(), resume)
-        return self._train_phase(index, self._classifier_spec(), resume)
+        return self._train_phase(index, self._classifier_spec(resume), resume)
 
     # ---------------------------------------------------------------- stage 1
     def _stage1_spec(self) -> PhaseSpec:
@@ -237,7 +238,7 @@ class TrialRunner:
             after_epoch=after_epoch,
         )
 
-    def _centroid_batches(self, augmented: bool):
+    def _centroid_batches(self, augmented: bool, epoch: int = 0):
         return self.dataset.loader(
             "train",
             batch_size=EVAL_BATCH_SIZE if not augmented else self.config.dro_batch_size,
@@ -245,13 +246,19 @@ class TrialRunner:
             augment=augmented,
             sampler="class_aware" if augmented else "instance",
             shuffle=augmented,
-            seed=self.config.seed,
+            # a new class-aware draw and new crops every epoch, reproducible for the seed
+            seed=self.config.seed * PHASE_SEED_STRIDE + 1000 + epoch,
         )
 
-    def _refresh_centroids(self) -> None:
+    def _refresh_centroids(self, epoch: int) -> None:
         from trainables.centroids import compute_centroids
 
-        batches = self._centroid_batches(self.config.centroids == "augmented")
+        augmented = self.config.centroids == "augmented"
+        if not augmented and self._fresh_clean_centroids is not None:
+            # the previous epoch's NCM diagnostic made exactly these, after the last step
+            self.centroids, self._fresh_clean_centroids = self._fresh_clean_centroids, None
+            return
+        batches = self._centroid_batches(augmented, epoch)
         self.centroids = compute_centroids(
             self.model, batches, self.dataset.num_classes, self.model.feature_dim, self.device
         )
@@ -267,12 +274,13 @@ class TrialRunner:
             self.model.feature_dim,
             self.device,
         )
+        self._fresh_clean_centroids = centroids
         _, labels, features = predict(self.model, self._eval_batches("val"), self.autocast)
         predictions = nearest_class_mean_predictions(features, centroids.float())
         return accuracy_report(predictions, labels, self.class_counts)
 
     # ---------------------------------------------------------------- classifier
-    def _classifier_spec(self) -> PhaseSpec:
+    def _classifier_spec(self, resume: dict[str, Any] | None) -> PhaseSpec:
         from trainables.balancing import (
             class_row_norms,
             maxnorm_project_,
@@ -291,6 +299,10 @@ class TrialRunner:
                 features = model.features(images)
             return criterion(classifier(features.float()), labels)
 
+        if cfg.cls_reinit and resume is None:
+            from trainables.balancing import reinit_classifier_
+
+            reinit_classifier_(classifier)
         radius = self.diagnostics.get("maxnorm_radius")
         if cfg.maxnorm != "off" and radius is None:
             start_norms = class_row_norms(classifier)
@@ -343,7 +355,7 @@ class TrialRunner:
         offset = sum(epochs for _, epochs in self.plan[:index])
         for epoch in range(start, spec.epochs):
             if spec.before_epoch is not None:
-                spec.before_epoch()
+                spec.before_epoch(epoch)
             # frozen features: eval mode keeps BN statistics untouched
             self.model.train(not spec.features_frozen)
             lr = optimizer.param_groups[0]["lr"]

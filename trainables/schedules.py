@@ -13,15 +13,18 @@ def lr_factor(
     """Multiplier at a fractional epoch (0 <= progress_epochs < total_epochs)."""
     if schedule == "constant":
         return 1.0
+    # Linear warm-up (per epoch, as the LDAM code does), capped at a quarter of the run.
+    warmup = min(warmup_epochs, max(total_epochs // 4, 0))
+    epoch = int(progress_epochs)
+    if schedule in ("cosine", "warmup_multistep") and epoch < warmup:
+        return (epoch + 1) / warmup
     if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(progress_epochs / total_epochs, 1.0)))
+        # cosine to 0 over the epochs after the warm-up
+        done = (progress_epochs - warmup) / max(total_epochs - warmup, 1e-9)
+        return 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
     if schedule == "warmup_multistep":
-        # LDAM recipe: linear warm-up, x0.01 at 80% and x0.0001 at 90% of training
-        # (epochs 160 and 180 of 200), scaled to the run length.
-        warmup = min(warmup_epochs, max(total_epochs // 4, 0))
-        epoch = int(progress_epochs)
-        if epoch < warmup:
-            return (epoch + 1) / warmup
+        # LDAM recipe: x0.01 at 80% and x0.0001 at 90% of training (epochs 160 and 180 of 200),
+        # scaled to the run length.
         if epoch >= round(0.9 * total_epochs):
             return 1e-4
         if epoch >= round(0.8 * total_epochs):

@@ -5,7 +5,8 @@ images/s, the phase) plus:
 - `method_epoch`: epochs since every searched dimension has acted (0 before). ASHA counts its
   rungs on it, so no trial is stopped before its method has acted, and every trial at a rung is
   at the same epoch of the same phase (comparable metrics).
-- `total_epochs`, `node_id` (the Ray node running the trial), `final`, `diverged`.
+- `total_epochs`, `node_id` (the Ray node running the trial), `final`, `diverged`,
+  `trial_seconds` (since the trial function started: data, model and all epochs so far).
 
 The last epoch is reported after the pipeline returns, together with the test accuracy and the
 `outcome` (val/test reports with per-class accuracy, class counts, diagnostics, config), so the
@@ -65,7 +66,7 @@ class EpochReporter:
         self._report = report
         self._make_checkpoint = make_checkpoint
         self.pending: dict[str, Any] | None = None  # the last epoch, reported by finish()
-        self._last_checkpoint = time.monotonic()
+        self._started = self._last_checkpoint = time.monotonic()
 
     def on_epoch(self, metrics: dict[str, Any], snapshot: Callable[[], dict[str, Any]]) -> None:
         result = self._result(metrics)
@@ -91,6 +92,7 @@ class EpochReporter:
                 "epoch": outcome["epochs_run"], "method_epoch": 0, "node_id": self.node_id}
         final = {
             **last,
+            "trial_seconds": time.monotonic() - self._started,
             "final": outcome["status"] == "completed",
             "diverged": outcome["status"] == "diverged",
             "device": outcome["device"],
@@ -115,6 +117,7 @@ class EpochReporter:
         result["total_epochs"] = self.total_epochs
         result["node_id"] = self.node_id
         result["final"] = False
+        result["trial_seconds"] = time.monotonic() - self._started
         return result
 
 
