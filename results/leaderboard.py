@@ -197,7 +197,8 @@ def leaderboard(trials: pd.DataFrame, group_by: str = "sweep", top: int = 5) -> 
     if top < 1:
         raise LeaderboardError(f"--top must be an integer >= 1; got {top}")
     keys = [group_by, "dataset", "imbalance", "protocol"]
-    columns = [*keys, "rank", "trial", "status", "runs", "seeds", *METRICS,
+    columns = [*keys, "rank", "trial", "status", "epochs_run", "total_epochs", "runs", "seeds",
+               *METRICS,
                *(f"{m}_std" for m in METRICS), "hyperparameters", "run_ids"]
     if trials.empty:
         return pd.DataFrame(columns=columns)
@@ -208,7 +209,7 @@ def leaderboard(trials: pd.DataFrame, group_by: str = "sweep", top: int = 5) -> 
                    group.groupby("config_key", sort=False)]
         configs.sort(key=_rank_key)
         for rank, row in enumerate(configs[:top], 1):
-            del row["_status_rank"]
+            del row["_status_rank"], row["_started"]
             params = row.pop("params")
             hyper = {name: params.get(name) for name in shown}
             rows.append({**dict(zip(keys, key, strict=True)), "rank": rank, **row,
@@ -232,15 +233,16 @@ def compare(trials: pd.DataFrame, names: Sequence[str], top: int = 5,
     merged: pd.DataFrame | None = None
     for name in names:
         if name in sweeps:
-            chosen = trials[trials["sweep"] == name]
-        elif name in spaces:
-            chosen = trials[trials["space"] == name]
+            board = leaderboard(trials[trials["sweep"] == name], "sweep", top)
+        elif name in spaces:  # trials labelled sweep/trial: a space spans sweeps
+            board = leaderboard(trials[trials["space"] == name], "space", top)
         else:
             accepted = ", ".join(sorted(sweeps | spaces)) or "(none)"
             raise LeaderboardError(f"--compare {name!r} is neither a sweep nor a space of this "
                                    f"experiment; accepted: {accepted}")
-        board = leaderboard(chosen.assign(sweep=name), "sweep", top)
-        block = board[keys + ["trial", *METRICS, *(f"{m}_std" for m in METRICS)]]
+        # validation all (the objective) and test by group: what tells sweeps apart
+        shown = ["val_all", "test_all", "test_many", "test_medium", "test_few"]
+        block = board[keys + ["trial", *shown, *(f"{m}_std" for m in shown)]]
         block = block.rename(columns={c: f"{name}: {c}" for c in block.columns if c not in keys})
         merged = block if merged is None else merged.merge(block, on=keys, how="outer")
     assert merged is not None
@@ -285,11 +287,14 @@ def _config_row(config: pd.DataFrame, group_by: str) -> dict[str, Any]:
     row: dict[str, Any] = {
         "trial": "+".join(trial_ids),
         "status": statuses[0] if len(set(statuses)) == 1 else "mixed: " + ",".join(statuses),
+        "epochs_run": float(config["epochs_run"].min()),
+        "total_epochs": total_epochs(config["params"].iloc[0]),
         "runs": len(config),
         "seeds": ",".join(str(s) for s in sorted(set(config["seed"]), key=str)),
         "params": config["params"].iloc[0],
         "run_ids": " ".join(config["run_id"]),
         "_status_rank": min(_status_rank(s) for s in statuses),
+        "_started": int(config["start_time"].min()),
     }
     for metric in METRICS:
         values = config[metric].dropna()
@@ -298,13 +303,24 @@ def _config_row(config: pd.DataFrame, group_by: str) -> dict[str, Any]:
     return row
 
 
+def total_epochs(params: dict[str, Any]) -> int | None:
+    """Epochs a trial of this configuration runs to its end, over all phases (TrialConfig)."""
+    try:
+        from trainables.config import TrialConfig
+
+        return TrialConfig.from_dict(dict(params)).total_epochs
+    except (ValueError, TypeError):  # params of another version: unknown
+        return None
+
+
 def _status_rank(status: str) -> int:
     return STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER)
 
 
-def _rank_key(row: dict[str, Any]) -> tuple[int, float]:
+def _rank_key(row: dict[str, Any]) -> tuple[int, float, int]:
+    """Status first, then validation accuracy; ties go to the configuration that ran first."""
     val = row["val_all"]
-    return row["_status_rank"], -val if not math.isnan(val) else math.inf
+    return row["_status_rank"], -val if not math.isnan(val) else math.inf, row["_started"]
 
 
 # ------------------------------------------------------------------------------------ output
@@ -354,6 +370,13 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
                              for i, v in enumerate(values)]
         elif column == "imbalance":
             shown[column] = [_factor(v) for v in values]
+        elif column == "epochs_run":
+            totals = frame.get("total_epochs", pd.Series([None] * len(frame), index=frame.index))
+            shown["epochs"] = [("-" if _missing(v) else f"{v:.0f}")
+                               + ("" if _missing(t) else f"/{t:.0f}")
+                               for v, t in zip(values, totals, strict=True)]
+        elif column == "total_epochs":
+            continue
         elif column == "protocol":
             shown[column] = [PAPER_LABEL if v == "paper" else v for v in values]
         elif column == "hyperparameters":

@@ -200,8 +200,10 @@ class SweepRecorder:
         run_id = self._children[trial_id]
         step = int(last.get("epoch", 0) or 0)
         final: dict[str, Any] = {"epochs_run": step}
-        if step > self._logged_step.get(trial_id, 0):  # else log_epoch logged them at `step`
-            val = outcome["val"] if outcome else {g: last.get(f"val_{g}") for g in GROUPS}
+        val = outcome["val"] if outcome else {g: last.get(f"val_{g}") for g in GROUPS}
+        # log_epoch logged the last epoch already, unless the outcome differs from it (e.g. a
+        # post-hoc tau-normalised classifier); the latest value at a step is the run's value
+        if step > self._logged_step.get(trial_id, 0) or val.get("all") != last.get("val_all"):
             final.update({f"val_{g}": val.get(g) for g in GROUPS})
         if outcome:
             final.update({f"test_{g}": outcome["test"].get(g) for g in GROUPS})

@@ -332,8 +332,8 @@ def _title(result: Mapping[str, Any]) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    # "tight" bounding box: keeps the legends placed outside the axes in the image
+    fig.savefig(path, format="png", bbox_inches="tight")
     return path
 
 

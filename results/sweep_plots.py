@@ -79,6 +79,9 @@ def make_sweep_plots(study: Any, out_dir: str | Path, target_name: str = OBJECTI
         html = out / f"{name}.html"
         figure.write_html(str(html), include_plotlyjs=plotlyjs, full_html=True)
         written.append(html)
+        if name == "parallel_coordinate":  # one axis per parameter: give each room
+            width = 1.6 * (_param_count(study) + 1) + 2
+            _figure(axes).set_size_inches(max(8.0, width), 5.5)
         written.append(_save_axes(axes, out / f"{name}.png"))
     return written
 
@@ -112,11 +115,22 @@ def _skip_reason(study: Any) -> dict[str, str]:
     return reasons
 
 
+def _param_count(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return len({name for trial in completed for name in trial.params})
+
+
+def _figure(axes: Any) -> Any:
+    first = axes.flat[0] if hasattr(axes, "flat") else axes
+    return first.get_figure()
+
+
 def _save_axes(axes: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    first = axes.flat[0] if hasattr(axes, "flat") else axes
-    figure = first.get_figure()
+    figure = _figure(axes)
     figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

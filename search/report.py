@@ -12,7 +12,7 @@ def header(plan: SweepPlan, resources: Any) -> str:
     o, d = plan.options, plan.dataset
     sizes = d.get("sizes", {})
     split = "/".join(str(sizes.get(s, "?")) for s in ("train", "val", "test"))
-    imbalance = d.get("imbalance", o.imbalance)
+    imbalance = d["imbalance"]
     protocol = d["protocol"] + (" (selects on TEST: for comparison with papers only)"
                                 if d["protocol"] == "paper" else "")
     if plan.rungs:

@@ -57,7 +57,7 @@ class SweepPlan:
     def tags(self) -> dict[str, Any]:
         o = self.options
         return {"space": o.space, "dataset": o.dataset, "seed": o.seed,
-                "imbalance": self.dataset.get("imbalance", o.imbalance),
+                "imbalance": self.dataset["imbalance"],
                 "protocol": self.dataset["protocol"], "method": self.space.method,
                 "results_dir": str(self.sweep_dir / TUNE_FOLDER)}
 
@@ -88,6 +88,9 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
                             protocol=options.protocol, data_dir=options.data_dir,
                             download=options.download, split_seed=config.split_seed)
     description = dataset.describe()
+    if description.get("imbalance") is None:  # natural long tails (list-file datasets)
+        counts = [c for c in dataset.class_counts if c > 0]
+        description["imbalance"] = round(max(counts) / min(counts), 2)
     rung_offset = space.rung_offset(config.to_dict())
     _, rungs = plan_rungs(options.scheduler, rung_offset=rung_offset,
                           total_epochs=config.total_epochs,

@@ -209,6 +209,8 @@ def test_stopped_and_failed_trials_only_when_asked(store: Path, runs: list,
     row = group[group["status"] == "stopped_early"].iloc[0]
     assert row["val_all"] == pytest.approx(stopped.data.metrics["val_all"])
     assert math.isnan(row["test_all"]) and "test_all" not in stopped.data.metrics
+    assert row["epochs_run"] == stopped.data.metrics["epochs_run"] == 1
+    assert row["total_epochs"] == int(stopped.data.params["epochs"]) == 2
     _, out, _ = _cli(store, capsys=capsys)
     note = next(line for line in out.splitlines() if line.startswith("Not shown:"))
     assert "1 stopped_early" in note and "1 failed" in note
@@ -246,6 +248,7 @@ def test_compare_sweeps_and_spaces_side_by_side(store: Path, capsys) -> None:
     spaces = compare(trials[trials["imbalance"] == 10.0], ["ce", "wb"], top=3,
                      everything=everything)
     assert spaces["wb: val_all"].isna().all()
+    assert all("/" in label for label in spaces["ce: trial"])  # a space spans sweeps
     code, out, _ = _cli(store, "--compare", "ce-a", "ce-seed0", "--format", "csv", capsys=capsys)
     side = pd.read_csv(StringIO(out))
     assert code == 0 and list(side["rank"]) == [1, 2, 3]

@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 BAD = [
     (["--space", "dro"], "unknown space 'dro'; accepted: ce, dro_lt, wb, dro_wb"),
     (["--space", "ce", "--dataset", "mnist_lt"], "unknown dataset 'mnist_lt'; accepted: "),
+    (["--space", "ce", "--dataset", "cifar10_lt", "--data-dir", "/nonexistent-tailtune-data"],
+     "CIFAR-10 python archive not found in /nonexistent-tailtune-data"),
     (["--space", "ce", "--imbalance", "1"], "--imbalance must be a number > 1; got 1"),
     (["--space", "ce", "--imbalance", "nan"], "--imbalance must be a number > 1; got nan"),
     (["--space", "ce", "--num-samples", "0"], "--num-samples must be an integer >= 1; got 0"),
