@@ -176,7 +176,13 @@ class TrialRunner:
     def _replay(self, history: list[dict[str, Any]], already: int) -> None:
         """Report cached stage-1 epochs so every trial reports the same epoch numbers."""
         for position, metrics in enumerate(history):
-            replayed = {**metrics, "replayed": True, "epoch_seconds": 0.0, "images_per_second": 0.0}
+            replayed = {
+                **metrics,
+                "replayed": True,
+                "epoch_seconds": 0.0,
+                "train_seconds": 0.0,
+                "images_per_second": 0.0,
+            }
             self.history.append(replayed)
             if position < already or self.on_epoch is None:
                 continue
@@ -354,6 +360,7 @@ class TrialRunner:
             start = resume["phase_epoch"]
         offset = sum(epochs for _, epochs in self.plan[:index])
         for epoch in range(start, spec.epochs):
+            epoch_started = _now()
             if spec.before_epoch is not None:
                 spec.before_epoch(epoch)
             # frozen features: eval mode keeps BN statistics untouched
@@ -371,6 +378,8 @@ class TrialRunner:
             metrics = self._epoch_metrics(
                 spec.name, offset + epoch + 1, epoch + 1, stats, lr, extra
             )
+            # everything the epoch cost: centroid passes and diagnostics included
+            metrics["epoch_seconds"] = _now() - epoch_started
             self.history.append(metrics)
             if self.on_epoch is not None:
                 self.on_epoch(
@@ -389,9 +398,7 @@ class TrialRunner:
         lr: float,
         extra: dict[str, Any],
     ) -> dict[str, Any]:
-        started = _now()
         val = self.evaluate("val")
-        eval_seconds = _now() - started
         metrics = {
             "epoch": epoch,
             "phase": phase,
@@ -402,7 +409,6 @@ class TrialRunner:
             "val_many": val["many"],
             "val_medium": val["medium"],
             "val_few": val["few"],
-            "epoch_seconds": stats.seconds + eval_seconds,
             "train_seconds": stats.seconds,
             "images_per_second": stats.images_per_second,
             "replayed": False,
