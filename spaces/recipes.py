@@ -24,7 +24,9 @@ DATASET_SCALE = {
 
 # Settings of the data pipeline, independent of the method (methods.md 3 and 4).
 SCALE_SETTINGS: dict[str, dict[str, Any]] = {
-    "tiny": {"batch_size": 64, "dro_batch_size": 64, "cls_batch_size": 64, "warmup_epochs": 1},
+    # digits_lt: a one-epoch warm-up at batch 64 leaves stage 1 at ~57% val after 20 epochs;
+    # five epochs at batch 128 reach ~90% (measured with the single-trial command).
+    "tiny": {"batch_size": 128, "dro_batch_size": 128, "cls_batch_size": 128, "warmup_epochs": 5},
     "cifar": {"batch_size": 128, "dro_batch_size": 128, "cls_batch_size": 128, "warmup_epochs": 5},
     "large": {"batch_size": 256, "dro_batch_size": 256, "cls_batch_size": 256, "warmup_epochs": 5},
 }
