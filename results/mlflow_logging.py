@@ -11,27 +11,37 @@ Schema (what results/leaderboard.py and users can rely on):
     (running | completed | interrupted | failed), tailtune.results_dir (Tune results).
   Params: the sweep options (num_samples, scheduler, epochs, ...).
   Metrics: best_val_all, best_test_all (the best completed trial), trials_<status> counts.
-- Child run (one per trial), name = Tune trial id, tag mlflow.parentRunId = the parent. Tags:
-    tailtune.role=trial, tailtune.sweep, tailtune.trial_id, tailtune.space, tailtune.dataset,
-    tailtune.imbalance, tailtune.seed, tailtune.protocol, tailtune.node_id (the Ray node that
-    ran it), tailtune.status: running while it trains, then one of
-    completed | stopped_early (ASHA or the time budget ended it) | diverged | failed.
+- Child run (one per trial), name = the trial key (the Tune trial id; a trial adopted after a
+  driver restart keeps the key of the trial it continues), tag mlflow.parentRunId = the parent.
+  Tags:
+    tailtune.role=trial, tailtune.sweep, tailtune.trial_id (the key), tailtune.space,
+    tailtune.dataset, tailtune.imbalance, tailtune.seed, tailtune.protocol, tailtune.node_id and
+    tailtune.node_ip (the Ray node that ran it last), tailtune.pid (its worker process there),
+    tailtune.retries (times Tune ran it again after its worker died or raised; absent if none),
+    tailtune.status: running while it trains, then one of
+    completed | stopped_early (ASHA or the time budget ended it) | diverged (its loss became
+    non-finite) | failed (an error, retries spent) | interrupted (the sweep was interrupted
+    before the trial ended; --resume continues it and this run).
   Params: the full trial config (every TrialConfig field).
   Metrics per epoch, step = epoch (1-based, global over phases): val_all, val_many, val_medium,
     val_few, train_loss, lr, images_per_second, epoch_seconds, train_seconds, trial_seconds
     (since the trial process started it, data loading included), ncm_* (the nearest-class-mean
     accuracy of the features, DRO phase). Epochs replayed from the stage-1 cache are logged
-    too (epoch_seconds 0), so every trial has the same steps.
+    too (epoch_seconds 0), so every trial has the same steps. Each step is logged once: epochs
+    a retried or resumed trial trains again are not logged again.
   Final metrics (step = epochs run): val_all, val_many, val_medium, val_few, test_all,
     test_many, test_medium, test_few, epochs_run. A Many/Medium/Few group without classes has
     no metric (missing, never 0). Only completed and diverged trials have test_* metrics.
   Artifacts: config.json (the trial config), per_class.csv (class, train_count, group,
-    val_acc, test_acc), diagnostics.json (learned radii, classifier row norms, MaxNorm radius).
+    val_acc, test_acc), diagnostics.json (learned radii, classifier row norms, MaxNorm radius),
+    plots/ (results.plots, when the sweep logs plots).
 - MLflow run status: FINISHED for completed / stopped_early / diverged, FAILED for failed,
-  KILLED for trials an interrupted sweep left unfinished (a resumed sweep reopens them).
+  KILLED for interrupted (a resumed sweep reopens them: RUNNING again).
 
 A child is found again by its tailtune.trial_id tag before one is created, so a resumed or
 retried trial continues its run instead of duplicating it; epochs already logged are skipped.
+A run already ended (FINISHED or FAILED) is final: a trial that replays its end after a driver
+restart changes nothing in it (same metrics, same end time).
 Epoch metrics are written in batches every few seconds (and when the trial ends), so a driver
 killed outright loses at most those seconds of curve; the trial re-reports from its checkpoint.
 """
@@ -56,6 +66,8 @@ ROLE, SWEEP, STATUS = "tailtune.role", "tailtune.sweep", "tailtune.status"
 TRIAL_ID = "tailtune.trial_id"
 PARENT = "mlflow.parentRunId"
 TRIAL_STATUSES = ("completed", "stopped_early", "diverged", "failed")
+INTERRUPTED = "interrupted"  # a trial's status while its sweep waits for --resume
+ENDED_RUN_STATUSES = ("FINISHED", "FAILED")  # MLflow statuses of runs that are final
 EPOCH_METRICS = ("val_all", "val_many", "val_medium", "val_few", "train_loss", "lr",
                  "images_per_second", "epoch_seconds", "train_seconds", "trial_seconds",
                  "ncm_all", "ncm_many", "ncm_medium", "ncm_few")
@@ -86,7 +98,8 @@ class SweepRecorder:
         self.tags = {f"tailtune.{key}": str(value) for key, value in tags.items()}
         self.experiment_id = ""
         self.parent_id = ""
-        self._children: dict[str, str] = {}  # trial id -> run id
+        self._children: dict[str, str] = {}  # trial key -> run id
+        self._ended: set[str] = set()  # trial keys whose runs are final: left untouched
         self._logged_step: dict[str, int] = {}  # trial id -> last epoch already logged
         # Epoch metrics wait here up to flush_interval_s: one MLflow write costs ~20 ms, and
         # while the driver writes, the trials' next reports wait for it.
@@ -113,14 +126,18 @@ class SweepRecorder:
         return self.parent_id
 
     def finish(self, status: str, summary: Mapping[str, float] | None = None) -> None:
-        """Close the sweep: unfinished children are marked KILLED, the parent gets `status`."""
+        """Close the sweep; the parent gets `status`. Children still running were stopped
+        before their end: by the time budget when the sweep completed (stopped_early,
+        FINISHED), else by the interruption (interrupted, KILLED: --resume reopens them)."""
         self.flush()
         for run in self._search(f"tags.`{PARENT}` = '{self.parent_id}'"):
             if run.info.status == "RUNNING":
                 trial_id = run.data.tags.get(TRIAL_ID, "")
-                # A trial the sweep never finished: stopped before its end (budget, interrupt).
-                self.client.set_tag(run.info.run_id, STATUS, "stopped_early")
-                self.client.set_terminated(run.info.run_id, status="KILLED")
+                ended = status == "completed"
+                self.client.set_tag(run.info.run_id, STATUS,
+                                    "stopped_early" if ended else INTERRUPTED)
+                self.client.set_terminated(run.info.run_id,
+                                           status="FINISHED" if ended else "KILLED")
                 self._children.pop(trial_id, None)
         if summary:
             self._log_metrics(self.parent_id, summary, step=0)
@@ -131,12 +148,17 @@ class SweepRecorder:
     # ---------------------------------------------------------------- trials
     def trial_run(self, trial_id: str, config: Mapping[str, Any],
                   tags: Mapping[str, Any] | None = None) -> str:
-        """The child run of a trial: the existing one (resume, retry) or a new one."""
+        """The child run of a trial: the existing one (resume, retry) or a new one. An existing
+        run that has ended is returned as it is and stays untouched (see `is_ended`)."""
         if trial_id in self._children:
             return self._children[trial_id]
         found = self._search(f"tags.`{PARENT}` = '{self.parent_id}' AND "
                              f"tags.`{TRIAL_ID}` = '{trial_id}'")
         extra = {f"tailtune.{key}": str(value) for key, value in (tags or {}).items()}
+        if found and found[0].info.status in ENDED_RUN_STATUSES:
+            self._children[trial_id] = found[0].info.run_id
+            self._ended.add(trial_id)
+            return found[0].info.run_id
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -158,14 +180,19 @@ class SweepRecorder:
         return run_id
 
     def has_run(self, trial_id: str) -> bool:
-        """Whether this recorder has the trial's run open."""
+        """Whether this recorder has found or made the trial's run."""
         return trial_id in self._children
+
+    def is_ended(self, trial_id: str) -> bool:
+        """Whether the trial's run has ended (here, or before a restart): nothing more is
+        written to it."""
+        return trial_id in self._ended
 
     def log_epoch(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
         """One epoch's metrics at step = epoch (buffered up to flush_interval_s); epochs logged
         before a restart are skipped."""
         step = int(metrics["epoch"])
-        if step <= self._logged_step.get(trial_id, 0):
+        if trial_id in self._ended or step <= self._logged_step.get(trial_id, 0):
             return
         self._buffer.setdefault(trial_id, []).extend(
             _metrics({k: metrics.get(k) for k in EPOCH_METRICS}, step))
@@ -184,11 +211,14 @@ class SweepRecorder:
             self._flushed[name] = time.monotonic()
 
     def set_tag(self, trial_id: str, key: str, value: Any) -> None:
-        self.client.set_tag(self._children[trial_id], f"tailtune.{key}", str(value))
+        if trial_id not in self._ended:
+            self.client.set_tag(self._children[trial_id], f"tailtune.{key}", str(value))
 
     def finish_trial(self, trial_id: str, status: str, last: Mapping[str, Any],
-                     outcome: Mapping[str, Any] | None = None, error: str | None = None) -> None:
-        """Final metrics, artifacts and an honest status for one trial, then close its run.
+                     outcome: Mapping[str, Any] | None = None,
+                     error: str | None = None) -> str | None:
+        """Final metrics, artifacts and an honest status for one trial, then close its run;
+        returns its run id, or None when the run had ended already (nothing is written).
 
         `last` is the last reported epoch; `outcome` the pipeline's final result (val, test,
         class_counts, diagnostics, config) when the trial ran to its end (or diverged).
@@ -196,6 +226,8 @@ class SweepRecorder:
         if status not in TRIAL_STATUSES:
             accepted = ", ".join(TRIAL_STATUSES)
             raise ValueError(f"trial status must be one of {accepted}; got {status!r}")
+        if trial_id in self._ended:
+            return None
         self.flush(trial_id)
         run_id = self._children[trial_id]
         step = int(last.get("epoch", 0) or 0)
@@ -213,7 +245,8 @@ class SweepRecorder:
             self.client.set_tag(run_id, "tailtune.error", error[-4000:])  # the message is last
         self.client.set_tag(run_id, STATUS, status)
         self.client.set_terminated(run_id, status="FAILED" if status == "failed" else "FINISHED")
-        self._children.pop(trial_id, None)
+        self._ended.add(trial_id)
+        return run_id
 
     def child_runs(self) -> list[Any]:
         return self._search(f"tags.`{PARENT}` = '{self.parent_id}'")
@@ -287,4 +320,4 @@ def _is_number(value: Any) -> bool:
             and math.isfinite(value))
 
 
-__all__ = ["SweepRecorder", "TRIAL_STATUSES", "group_of", "local_tracking_uri"]
+__all__ = ["INTERRUPTED", "SweepRecorder", "TRIAL_STATUSES", "group_of", "local_tracking_uri"]

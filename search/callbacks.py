@@ -1,4 +1,4 @@
-"""Driver-side Tune callbacks: MLflow records of every trial, and progress lines.
+"""Driver-side Tune callbacks: MLflow records and end records of every trial, and progress lines.
 
 Both are pickled into the Tune experiment (Tuner.restore brings them back), so they hold only
 plain settings and open their connections lazily.
@@ -6,6 +6,7 @@ plain settings and open their connections lazily.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Mapping
@@ -14,26 +15,47 @@ from typing import Any
 
 from ray.tune import Callback
 
-from trainables.tune import trial_status
+from search.optuna_search import KEY
+from trainables.tune import read_record, trial_status, write_record
+
+log = logging.getLogger(__name__)
+# Where a trial runs, tagged on its MLflow run whenever it changes (a retry may move it).
+PLACEMENT = ("node_id", "node_ip", "pid")
+
+
+def trial_key(trial: Any) -> str:
+    """The name of a trial's records: its Tune id, or the id of the trial it adopted."""
+    return str((trial.config or {}).get(KEY) or trial.trial_id)
 
 
 class MlflowSweepCallback(Callback):
-    """Parent run per sweep, child run per trial keyed by the Tune trial id (see
-    results.mlflow_logging for the schema). A retried or restored trial continues its run."""
+    """Parent run per sweep, child run per trial keyed by the trial key (see
+    results.mlflow_logging for the schema). A retried or restored trial continues its run; a
+    trial already finished in MLflow is never reopened.
+
+    With `records_dir`, trials that end without writing their own end record (stopped early,
+    failed) get one here (trainables.tune explains the records). With `plots`, a finished
+    trial's plots (results.plots) are logged to its run; a plotting error is only a warning.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_name: str,
-                 tags: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+                 tags: Mapping[str, Any], params: Mapping[str, Any],
+                 records_dir: str | None = None, plots: bool = False) -> None:
         self.settings = dict(tracking_uri=tracking_uri, experiment=experiment,
                              sweep_name=sweep_name, tags=dict(tags))
         self.params = dict(params)
+        self.records_dir = records_dir
+        self.plots = plots
         self._recorder = None
-        self._nodes: dict[str, str] = {}
+        self._placement: dict[str, dict[str, Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"settings": self.settings, "params": self.params}
+        return {"settings": self.settings, "params": self.params,
+                "records_dir": self.records_dir, "plots": self.plots}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state["settings"], params=state["params"])
+        self.__init__(**state["settings"], params=state["params"],
+                      records_dir=state.get("records_dir"), plots=state.get("plots", False))
 
     @property
     def recorder(self):
@@ -47,31 +69,37 @@ class MlflowSweepCallback(Callback):
     def setup(self, **info: Any) -> None:
         self.recorder  # noqa: B018 - find or create the parent run before any trial
 
-    def _run(self, trial: Any) -> None:
-        if self.recorder.has_run(trial.trial_id):
-            return
-        from trainables.config import TrialConfig
+    def _run(self, trial: Any) -> str:
+        key = trial_key(trial)
+        if not self.recorder.has_run(key):
+            from trainables.config import TrialConfig
 
-        # the full config: the sampled one with every default the pipeline will use
-        config = TrialConfig.from_dict(trial.config["trial"]).to_dict()
-        self.recorder.trial_run(trial.trial_id, config)
+            # the full config: the sampled one with every default the pipeline will use
+            config = TrialConfig.from_dict(trial.config["trial"]).to_dict()
+            self.recorder.trial_run(key, config)
+        return key
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._run(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        self._run(trial)
-        self._tag_node(trial.trial_id, result)
+        key = self._run(trial)
+        self._tag_placement(key, result)
         if "epoch" in result:
-            self.recorder.log_epoch(trial.trial_id, result)
+            self.recorder.log_epoch(key, result)
 
-    def _tag_node(self, trial_id: str, result: Mapping[str, Any]) -> None:
-        # the node can change when a failed trial is retried elsewhere
-        node = result.get("node_id")
-        if node and self._nodes.get(trial_id) != node:
-            self.recorder.set_tag(trial_id, "node_id", node)
-            self._nodes[trial_id] = node
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # the worker died or raised; Tune runs the trial again from its last checkpoint
+        key = self._run(trial)
+        self.recorder.set_tag(key, "retries", trial.num_failures)
+
+    def _tag_placement(self, key: str, result: Mapping[str, Any]) -> None:
+        now = {name: result[name] for name in PLACEMENT if result.get(name)}
+        if now and self._placement.get(key) != now:
+            for name, value in now.items():
+                self.recorder.set_tag(key, name, value)
+            self._placement[key] = now
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, error=False)
@@ -80,13 +108,26 @@ class MlflowSweepCallback(Callback):
         self._finish(trial, error=True)
 
     def _finish(self, trial: Any, error: bool) -> None:
-        self._run(trial)
+        key = self._run(trial)
         last = trial.last_result or {}
         status = trial_status(last, error)
-        self._tag_node(trial.trial_id, last)
-        outcome = last.get("outcome") if status in ("completed", "diverged") else None
         message = _error_text(trial) if error else None
-        self.recorder.finish_trial(trial.trial_id, status, last, outcome, message)
+        if self.records_dir is not None and read_record(self.records_dir, key) is None:
+            # completed and diverged trials wrote theirs before their last report
+            write_record(self.records_dir, key, status, last, message)
+        self._tag_placement(key, last)
+        outcome = last.get("outcome") if status in ("completed", "diverged") else None
+        run_id = self.recorder.finish_trial(key, status, last, outcome, message)
+        if self.plots and outcome and run_id:
+            self._log_plots(run_id, outcome)
+
+    def _log_plots(self, run_id: str, outcome: Mapping[str, Any]) -> None:
+        try:
+            from results.plots import log_trial_plots
+
+            log_trial_plots(self.recorder.client, run_id, outcome)
+        except Exception as exc:  # plots are a convenience: never fail the sweep for them
+            log.warning("could not log the plots of run %s: %s", run_id, exc)
 
 
 def _error_text(trial: Any) -> str:
@@ -117,7 +158,11 @@ class ProgressCallback(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         params = _params_text(trial.config)
-        _say(f"{self._clock()} trial {trial.trial_id} started  {params}")
+        _say(f"{self._clock()} trial {trial_key(trial)} started  {params}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _say(f"{self._clock()} trial {trial_key(trial)} failed (attempt {trial.num_failures}); "
+             "retrying from its last checkpoint")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended_line(trial, error=False)
@@ -138,13 +183,14 @@ class ProgressCallback(Callback):
     def _ended_line(self, trial: Any, error: bool) -> None:
         last = trial.last_result or {}
         status = trial_status(last, error)
-        self._ended[trial.trial_id] = status
+        key = trial_key(trial)
+        self._ended[key] = status
         val = last.get("val_all")
         if status == "completed" and isinstance(val, float):
             self._best = val if self._best is None else max(self._best, val)
         where = f"epoch {last.get('epoch', 0)}/{last.get('total_epochs', '?')}"
         score = f"val_all {val:.4f}" if isinstance(val, float) else "no result"
-        _say(f"{self._clock()} [{len(self._ended)}/{self.num_samples}] trial {trial.trial_id} "
+        _say(f"{self._clock()} [{len(self._ended)}/{self.num_samples}] trial {key} "
              f"{status:<13} {score}  {where}")
 
     def _clock(self) -> str:
@@ -153,7 +199,7 @@ class ProgressCallback(Callback):
 
 
 def _params_text(config: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={_short(v)}" for k, v in config.items() if k != "trial")
+    return " ".join(f"{k}={_short(v)}" for k, v in config.items() if k not in ("trial", KEY))
 
 
 def _short(value: Any) -> str:

@@ -2,6 +2,11 @@
 
 Trials that ask for GPUs on a cluster without any would wait forever; asking for them there is
 refused up front, and the default GPU share is 0 without GPUs (the trial runs on the CPU).
+
+A local Ray (no --address) is started lean: no dashboard, and token authentication on with a
+token for this run alone unless the user configured one (Ray otherwise warns on every start and
+writes ~/.ray/auth_token). A cluster (--address) is joined with the user's own Ray settings;
+ray.init's failures there become one-line SetupErrors.
 """
 
 from __future__ import annotations
@@ -9,9 +14,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+from search.environment import SetupError, check_address
 from search.options import SweepOptions, UsageError
+
+AUTH_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 @dataclass(frozen=True)
@@ -37,15 +48,51 @@ def _no_gpu(gpus: float, where: str) -> str:
             "accepted here: 0 (trials run on the CPU)")
 
 
-def connect(address: str | None) -> dict[str, float]:
-    """Start a local Ray (address None) or join a cluster; returns its total resources."""
-    import ray
+def local_auth_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a local Ray the sweep starts: token authentication, silently.
 
+    Settings the user made (RAY_AUTH_MODE, a token or token file) are kept. Otherwise the token
+    is made for this run only and handed to Ray's processes through the environment.
+    """
+    environ = os.environ if environ is None else environ
+    if "RAY_AUTH_MODE" in environ:
+        return {}
+    settings = {"RAY_AUTH_MODE": "token"}
+    has_token = any(environ.get(name) for name in AUTH_VARIABLES) or (
+        Path.home() / ".ray" / "auth_token").exists()
+    if not has_token:
+        settings["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    return settings
+
+
+def connect(address: str | None) -> dict[str, float]:
+    """Start a local Ray (address None) or join a cluster; returns its total resources.
+
+    Raises SetupError when no cluster answers at `address` or it refuses this driver.
+    """
     # Ray's new console output ignores verbose=0; the sweep prints its own progress.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+    if address is None and "ray" not in sys.modules:
+        # before Ray is imported: it reads its authentication settings once, at import
+        os.environ.update(local_auth_settings())
+    import ray
+
+    if ray.is_initialized():
+        return dict(ray.cluster_resources())
+    if address is None:
+        ray.init(include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, configure_logging=True)
+        return dict(ray.cluster_resources())
+    head = check_address(address)
+    try:
+        ray.init(address=head, log_to_driver=False, logging_level=logging.WARNING,
+                 configure_logging=True)
+    except Exception as exc:  # ConnectionError, AuthenticationError, version mismatch, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = ("; set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN_PATH), see "
+                "docs/cluster.md" if "auth" in first.lower() or "token" in first.lower() else "")
+        raise SetupError(f"--address {address}: the Ray cluster at {head} refused this driver "
+                         f"({first}){hint}") from None
     return dict(ray.cluster_resources())
 
 

@@ -45,7 +45,7 @@ class SweepOptions:
     epochs: int | None = None
     gpus_per_trial: float | None = None
     cpus_per_trial: float = 1.0
-    max_failures: int = 0
+    max_failures: int = 2
     checkpoint_interval: float = 10.0
     address: str | None = None
     storage: str = DEFAULT_STORAGE
@@ -56,6 +56,7 @@ class SweepOptions:
     resume: bool = False
     time_budget: float | None = None
     top: int = 10
+    plots: bool = True
 
     @property
     def sweep_dir(self) -> Path:
@@ -63,6 +64,13 @@ class SweepOptions:
 
     def save(self) -> None:
         (self.sweep_dir / SWEEP_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+
+def resume_hint(options: SweepOptions) -> str:
+    """The line that tells a user how to continue an interrupted sweep."""
+    address = f" --address {options.address}" if options.address else ""
+    return (f"continue it with: python search/run.py --resume --name {options.name} "
+            f"--storage {options.storage}{address}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU share per trial, e.g. 0.25 packs four trials on a GPU "
                         "(default: the GPUs shared by the concurrent trials; 0 without GPUs)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="(default: 1)")
-    p.add_argument("--max-failures", type=int, default=0,
-                   help="retries of a failed trial from its checkpoint (default: 0)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="times a trial whose worker died or raised is run again from its last "
+                        "checkpoint (default: 2)")
     p.add_argument("--checkpoint-interval", type=float, default=10.0,
                    help="seconds between a trial's checkpoints; 0: every epoch (default: 10)")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
@@ -110,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the sweep --name")
     p.add_argument("--time-budget", type=float, help="seconds; then running trials stop")
     p.add_argument("--top", type=int, default=10, help="leaderboard rows (default: 10)")
+    p.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="log no plots to MLflow (default: each finished trial's and the sweep's)")
     return p
 
 
@@ -186,12 +197,14 @@ def _resume_options(values: dict[str, Any], argv: list[str]) -> SweepOptions:
         raise UsageError(f"no sweep {values['name']!r} to resume in {storage}; "
                          f"accepted: a --name with {SWEEP_FILE} under --storage")
     options = SweepOptions(**json.loads(saved.read_text()))
-    # What may change on resume: where it runs and how long it may take.
-    for name in ("address", "time_budget", "top"):
-        flag = "--" + name.replace("_", "-")
+    # What may change on resume: where it runs, how long it may take, what it prints and plots.
+    for name, flag in (("address", "--address"), ("time_budget", "--time-budget"),
+                       ("top", "--top"), ("plots", "--no-plots")):
         if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
             setattr(options, name, values[name])
     options.resume = True
+    _at_least("--top", options.top, 1)
+    _positive("--time-budget", options.time_budget)
     return options
 
 

@@ -1,17 +1,24 @@
-"""OptunaSearch that tells the study how each trial really ended.
+"""OptunaSearch that tells the study how each trial really ended, and keeps the study exact
+across driver restarts.
 
-Ray's OptunaSearch tells Optuna COMPLETE with the last reported value for every trial Tune ends,
-including the ones ASHA stopped early, whose value (accuracy after a few epochs) is not
-comparable with a finished trial's. Here:
-- stopped early: told PRUNED (TPE then ranks it by its intermediate values, as Optuna's own
-  pruners do), user attr tailtune_status=stopped_early;
-- diverged: COMPLETE with its (poor) value, so TPE learns to avoid the region;
-- failed: FAIL;
-- completed: COMPLETE with the final validation accuracy.
-Every Optuna trial carries user attrs tune_trial_id and tailtune_status. Intermediate values
-are the validation accuracies at `report_epochs` (the ASHA rungs: what the trials were compared
-on) and where a trial stopped; each Optuna write costs the driver milliseconds, while a trial's
-every-epoch curve is in MLflow already.
+How trials end, as Optuna is told (user attr tailtune_status says which):
+- completed: COMPLETE with the final validation accuracy;
+- stopped early (ASHA, the time budget): PRUNED; TPE then ranks it by its intermediate values,
+  as Optuna's own pruners do;
+- diverged (non-finite loss): FAIL, so TPE never counts its value as a result;
+- failed (an error, retries spent): FAIL.
+Every Optuna trial carries the user attr tune_trial_id: the trial's key, which also names its
+MLflow run and its end record (trainables.tune). Intermediate values are the validation accuracies
+at `report_epochs` (the ASHA rungs: what the trials were compared on) and where a trial stopped;
+each Optuna write costs the driver milliseconds, while a trial's every-epoch curve is in MLflow.
+
+Restarts. The study is written at once, Tune's experiment state only every few seconds, so a
+driver killed outright can leave study trials that the restored Tune state never heard of: asked
+for after Tune's last snapshot (or before its first). Such an orphan is not asked again: when
+Tune next asks for a trial, the orphan is adopted, with its own parameters and key, so the sweep
+ends with exactly num_samples trials in Tune, in the study and in MLflow. Trials the restored
+state knows but the study has finished meanwhile are not told again. The end records make an
+adopted or restored trial that had already ended replay its end instead of training again.
 """
 
 from __future__ import annotations
@@ -21,12 +28,16 @@ from collections.abc import Collection
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FixedTrial, FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import unflatten_dict
 
 from trainables.tune import trial_status
 
 log = logging.getLogger(__name__)
+KEY = "trial_key"  # the config entry naming a trial's records (MLflow run, end record)
+OPTUNA_STATE = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED,
+                "diverged": TrialState.FAIL, "failed": TrialState.FAIL}
 
 
 class StatusOptunaSearch(OptunaSearch):
@@ -35,14 +46,53 @@ class StatusOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._report_epochs = None if report_epochs is None else set(report_epochs)
         self._reported_epoch: dict[str, int] = {}
+        self._orphans: list[FrozenTrial] | None = None  # found on the first suggest
 
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._orphans = None  # the saved state predates the restart: look again
+
+    # ---------------------------------------------------------------- asking
     def suggest(self, trial_id: str) -> dict | None:
+        if self._orphans is None:
+            self._orphans = self._reconcile()
+        if trial_id not in self._ot_trials and self._orphans:
+            return self._adopt(trial_id, self._orphans.pop(0))
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and "tune_trial_id" not in ot_trial.user_attrs:
+        if config is None or ot_trial is None:
+            return config
+        if "tune_trial_id" not in ot_trial.user_attrs:
             ot_trial.set_user_attr("tune_trial_id", trial_id)
-        return config
+        return {**config, KEY: ot_trial.user_attrs["tune_trial_id"]}
 
+    def _reconcile(self) -> list[FrozenTrial]:
+        """Study trials no Tune trial stands for (to adopt), and known trials the study has
+        finished (not to be told twice)."""
+        known = {ot_trial._trial_id: tune_id for tune_id, ot_trial in self._ot_trials.items()}
+        orphans = []
+        for frozen in self._ot_study.get_trials(deepcopy=False):
+            tune_id = known.get(frozen._trial_id)
+            if tune_id is None:
+                orphans.append(frozen)
+            elif frozen.state.is_finished():
+                self._completed_trials.add(tune_id)
+        if orphans:
+            log.info("adopting %d study trials the restored Tune state does not know",
+                     len(orphans))
+        return sorted(orphans, key=lambda t: t.number)
+
+    def _adopt(self, trial_id: str, frozen: FrozenTrial) -> dict:
+        """Tune's new trial `trial_id` continues the study trial `frozen`: same parameters
+        (the space replayed on them), same key, same Optuna trial."""
+        self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+        if frozen.state.is_finished():
+            self._completed_trials.add(trial_id)
+        params = self._suggest_from_define_by_run_func(self._space, FixedTrial(frozen.params))
+        key = frozen.user_attrs.get("tune_trial_id") or trial_id
+        return {**unflatten_dict(params), KEY: key}
+
+    # ---------------------------------------------------------------- telling
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Intermediate values by epoch (Tune's training_iteration restarts differently on restore).
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -54,7 +104,10 @@ class StatusOptunaSearch(OptunaSearch):
         value = (result or {}).get(self.metric)
         epoch = int((result or {}).get("epoch") or 0)
         if isinstance(value, int | float) and epoch > self._reported_epoch.get(trial_id, 0):
-            self._ot_trials[trial_id].report(float(value), epoch)
+            try:
+                self._ot_trials[trial_id].report(float(value), epoch)
+            except (RuntimeError, ValueError) as exc:  # e.g. finished meanwhile in storage
+                log.warning("could not report trial %s to the Optuna study: %s", trial_id, exc)
             self._reported_epoch[trial_id] = epoch
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
@@ -64,8 +117,7 @@ class StatusOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         status = trial_status(result, error)
         value = (result or {}).get(self.metric)
-        state = {"completed": TrialState.COMPLETE, "diverged": TrialState.COMPLETE,
-                 "stopped_early": TrialState.PRUNED, "failed": TrialState.FAIL}[status]
+        state = OPTUNA_STATE[status]
         if state == TrialState.COMPLETE and not isinstance(value, int | float):
             state = TrialState.FAIL
         try:
@@ -83,17 +135,19 @@ class StatusOptunaSearch(OptunaSearch):
         return self._ot_study
 
 
-def close_unfinished(storage_url: str, study_name: str) -> int:
-    """Tell PRUNED every trial of the study still RUNNING; returns how many.
+def close_unfinished(storage_url: str, study_name: str, status: str = "stopped_early") -> int:
+    """Close every trial of the study still RUNNING (PRUNED for stopped_early, else FAIL);
+    returns how many.
 
     For a sweep that ended with trials unfinished (the time budget stopped them), not for an
     interrupted one that --resume will continue: those trials must stay open.
     """
     study = optuna.load_study(study_name=study_name, storage=storage_url)
+    state = TrialState.PRUNED if status == "stopped_early" else TrialState.FAIL
     closed = 0
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # Optuna has no public setter for a trial known only by number; the storage call is it.
-        study._storage.set_trial_user_attr(frozen._trial_id, "tailtune_status", "stopped_early")
-        study.tell(frozen.number, state=TrialState.PRUNED)
+        study._storage.set_trial_user_attr(frozen._trial_id, "tailtune_status", status)
+        study.tell(frozen.number, state=state)
         closed += 1
     return closed

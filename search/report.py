@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from search.options import resume_hint
 from search.summary import best_line, leaderboard, rows_from_results
 from search.sweep import TUNE_FOLDER, SweepOutcome, SweepPlan
 
@@ -35,13 +36,11 @@ def header(plan: SweepPlan, resources: Any) -> str:
 
 def final_report(plan: SweepPlan, outcome: SweepOutcome) -> str:
     o = plan.options
-    rows = rows_from_results(outcome.results, interrupted=outcome.status != "completed")
     protocol = plan.dataset["protocol"]
-    lines = [f"Sweep {o.name} {outcome.status} in {outcome.wall_seconds:.1f} s", "",
-             leaderboard(rows, o.top, protocol), "", best_line(rows, protocol), ""]
-    if outcome.status == "interrupted":
-        lines.append(f"Continue it with: python search/run.py --resume --name {o.name} "
-                     f"--storage {o.storage}")
+    lines = [f"Sweep {o.name} {outcome.status} in {outcome.wall_seconds:.1f} s", ""]
+    if outcome.results is not None:
+        rows = rows_from_results(outcome.results, interrupted=outcome.status != "completed")
+        lines += [leaderboard(rows, o.top, protocol), "", best_line(rows, protocol), ""]
     lines += [
         f"Tune results:  {plan.sweep_dir / TUNE_FOLDER}",
         f"Optuna study:  {o.name!r} in {plan.optuna_url}",
@@ -49,4 +48,6 @@ def final_report(plan: SweepPlan, outcome: SweepOutcome) -> str:
         f"{outcome.parent_run_id}",
         f"               (browse: mlflow ui --backend-store-uri {plan.tracking_uri})",
     ]
+    if outcome.status != "completed":  # last, where a user looks first
+        lines.append(f"Sweep {outcome.status}: {resume_hint(o)}")
     return "\n".join(lines)

@@ -3,12 +3,18 @@
 With no other option the sweep runs on the embedded digits_lt dataset (8 trials, ASHA) on the
 local CPU in minutes. `--list-spaces` prints every space's dimensions and ranges. Bad input gives
 one line on stderr and exit code 2, before any results folder or MLflow run exists.
-Exit codes: 0 sweep completed, 1 interrupted or failed (--resume continues it), 2 bad input.
+Exit codes: 0 sweep completed, 1 interrupted or failed (--resume continues it), 2 bad input or an
+environment the sweep cannot use (unwritable storage, no MLflow server or Ray cluster answering,
+GPUs asked for where there are none); docs/bad_input.md lists the checks.
+Ctrl-C and SIGTERM (a cluster scheduler ending the job) stop the sweep gracefully: the trials'
+state is saved and the last line printed says how to resume.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import the package, not the sibling modules
@@ -16,7 +22,7 @@ if __name__ == "__main__":  # run as a script: import the package, not the sibli
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from search.options import UsageError, parse_options  # noqa: E402
+from search.options import UsageError, parse_options, resume_hint  # noqa: E402
 
 PROG = "search/run.py"
 
@@ -31,12 +37,21 @@ def list_spaces() -> str:
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
+    from search.environment import SetupError
     from search.scheduler import SchedulerError
     from spaces import SpaceError
     from trainables.config import ConfigError
     from trainables.data import DataError
 
-    return UsageError, SpaceError, ConfigError, DataError, SchedulerError
+    return UsageError, SpaceError, ConfigError, DataError, SchedulerError, SetupError
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (what a cluster scheduler sends before SIGKILL) stops the sweep like Ctrl-C.
+    Returns the handler it replaced (None where signals cannot be set: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
 def _fail(message: object) -> int:
@@ -51,19 +66,39 @@ def main(argv: list[str] | None = None) -> int:
             print(list_spaces())
             return 0
         from search.cluster import check_local_gpus
+        from search.environment import check_storage, check_tracking
         from search.sweep import plan_sweep
 
         plan = plan_sweep(options)
         check_local_gpus(options)
+        check_storage(options.storage)
+        check_tracking(plan.tracking_uri)
     except _input_errors() as exc:
         return _fail(exc)
 
+    previous = _sigterm_as_interrupt()
+    try:
+        return _run(options, plan)
+    except KeyboardInterrupt:  # before the sweep started, or after it ended
+        print(f"{PROG}: interrupted" + (f"; {resume_hint(options)}"
+                                        if options.sweep_dir.exists() else ""), file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(options, plan) -> int:
+    from search.cluster import connect, fit_resources
+
+    try:
+        cluster = connect(options.address)  # imports Ray: after the checks, for a quick refusal
+    except _input_errors() as exc:
+        return _fail(exc)
     import ray
 
-    from search.cluster import connect, fit_resources
     from search.report import final_report, header
 
-    cluster = connect(options.address)
     try:
         try:
             resources = fit_resources(options, cluster)

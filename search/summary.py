@@ -46,13 +46,14 @@ def rows_from_results(results: Any, interrupted: bool = False) -> list[TrialRow]
             status = "unfinished" if interrupted else "stopped_early"
         config = result.config or {}
         rows.append(TrialRow(
-            trial_id=str(metrics.get("trial_id") or _trial_id(result)),
+            # the key names the trial's MLflow run (the Tune id unless it adopted another's)
+            trial_id=str(config.get("trial_key") or metrics.get("trial_id") or _trial_id(result)),
             status=status,
             epochs=int(metrics.get("epoch") or 0),
             total_epochs=int(metrics.get("total_epochs") or 0),
             val={g: metrics.get(f"val_{g}") for g in GROUPS},
             test={g: metrics.get(f"test_{g}") for g in GROUPS},
-            params={k: v for k, v in config.items() if k != "trial"},
+            params={k: v for k, v in config.items() if k not in ("trial", "trial_key")},
         ))
     return rank(rows)
 

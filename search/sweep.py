@@ -7,11 +7,24 @@ Results folder (absolute; --storage, default ./tailtune_runs):
     <storage>/<sweep>/sweep.json        the options, read back by --resume
     <storage>/<sweep>/optuna.db         the Optuna study, named after the sweep
     <storage>/<sweep>/tune/             the Tune experiment (Tuner.restore reads it)
+    <storage>/<sweep>/trial_records/    one JSON per ended trial (trainables.tune): how it ended
+
+Restarts (--resume after a crash, a kill or Ctrl-C). Tune restores its last snapshot of the
+experiment; the study and MLflow, written at once, may be ahead of it. Three rules keep the three
+in step, so a resumed sweep ends with exactly num_samples trials in each, none left running, and
+no trial that had ended trains again:
+- a trial that ended is never run again: restarted, it replays its end record;
+- a study trial the Tune snapshot does not know is adopted by the next trial Tune creates
+  (search.optuna_search), so the study never grows past num_samples;
+- an MLflow run that has ended is final; an interrupted one is continued, never duplicated.
+If Tune wrote no snapshot at all before the driver died, a new Tuner starts against the same
+study, records and MLflow runs, and the same rules apply.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +35,8 @@ from search.scheduler import METRIC, MODE, make_scheduler, plan_rungs
 from spaces import Sampler, Space, fixed_settings, get_space
 
 TUNE_FOLDER = "tune"
+RECORDS_FOLDER = "trial_records"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +58,10 @@ class SweepPlan:
         from results.mlflow_logging import local_tracking_uri
 
         return self.options.mlflow_uri or local_tracking_uri(self.options.storage)
+
+    @property
+    def records_dir(self) -> Path:
+        return self.sweep_dir / RECORDS_FOLDER
 
     @property
     def optuna_url(self) -> str:
@@ -115,13 +134,15 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
     options = plan.options
     runtime = TrialRuntime(cache_dir=str(Path(options.storage) / "stage1_cache"),
                            rung_offset=plan.rung_offset,
-                           checkpoint_interval_s=options.checkpoint_interval)
+                           checkpoint_interval_s=options.checkpoint_interval,
+                           records_dir=str(plan.records_dir))
     trainable = tune.with_resources(tune.with_parameters(train_trial, runtime=runtime),
                                     {"cpu": resources.cpus, "gpu": resources.gpus})
     tune_dir = plan.sweep_dir / TUNE_FOLDER
     if options.resume and tune.Tuner.can_restore(str(tune_dir)):
+        # Failed trials stay failed (their records say so); unfinished ones continue.
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+                                  resume_errored=False)
     scheduler = make_scheduler(options.scheduler, rung_offset=plan.rung_offset,
                                total_epochs=plan.total_epochs,
                                grace_period=options.grace_period,
@@ -133,7 +154,8 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
     )
     callbacks = [
         MlflowSweepCallback(plan.tracking_uri, options.experiment, str(options.name), plan.tags,
-                            plan.params),
+                            plan.params, records_dir=str(plan.records_dir),
+                            plots=options.plots),
         ProgressCallback(options.num_samples),
     ]
     return tune.Tuner(
@@ -152,23 +174,61 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
     )
 
 
+class _DropTuneResumeHint(logging.Filter):
+    """Tune's "Resume experiment with: Tuner.restore(...)" is not how this CLI resumes; the
+    final report prints the right command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with" not in record.getMessage()
+
+
+def _quiet_tune() -> None:
+    logging.getLogger("ray.tune.tune").addFilter(_DropTuneResumeHint())
+    # Frequent trial checkpoints force frequent experiment snapshots: wanted here (they keep
+    # restarts close to the crash), so Tune's warning about them is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def start_records(plan: SweepPlan) -> Any:
+    """The results folder and the MLflow parent run (found again on --resume). A new sweep
+    whose parent run cannot be made leaves no folder behind."""
+    from results.mlflow_logging import SweepRecorder
+
+    options = plan.options
+    fresh = not plan.sweep_dir.exists()
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not options.resume:
+        options.save()
+    recorder = SweepRecorder(plan.tracking_uri, options.experiment, str(options.name), plan.tags)
+    try:
+        recorder.start(plan.params)
+    except BaseException:
+        if fresh:
+            import shutil
+
+            shutil.rmtree(plan.sweep_dir, ignore_errors=True)
+        raise
+    return recorder
+
+
 def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
-    """Create the results folder and MLflow parent run, run the trials, close the records."""
+    """Create the results folder and MLflow parent run, run the trials, close the records.
+
+    An interrupt (Ctrl-C, SIGTERM turned into one by search.run) ends it "interrupted": the
+    records say so and --resume continues it.
+    """
     import optuna
 
-    from results.mlflow_logging import SweepRecorder
     from search.optuna_search import close_unfinished
     from search.summary import STATUS_ORDER, best_completed, rows_from_results
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter
+    _quiet_tune()
     options = plan.options
     started = time.monotonic()
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not options.resume:
-        options.save()
-    recorder = SweepRecorder(plan.tracking_uri, options.experiment, str(options.name), plan.tags)
-    parent = recorder.start(plan.params)  # fails here, not mid-sweep, if MLflow is unreachable
+    recorder = start_records(plan)
+    parent = recorder.parent_id
     status, results = "failed", None
     try:
         results = build_tuner(plan, resources).fit()
@@ -178,7 +238,12 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
                         and time.monotonic() - started >= options.time_budget)
         status = "completed" if all_ended or budget_spent else "interrupted"
         if status == "completed":
+            # Normally none: trials the time budget stopped before they reported.
             close_unfinished(plan.optuna_url, str(options.name))
+            if options.plots:
+                _log_sweep_plots(recorder, plan)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's own handling
+        status = "interrupted"
     finally:
         summary: dict[str, float] = {}
         if results is not None:
@@ -190,4 +255,17 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
                 summary[f"trials_{name}"] = sum(row.status == name for row in rows)
         recorder.finish(status, summary)
     return SweepOutcome(status, results, time.monotonic() - started, parent)
+
+
+def _log_sweep_plots(recorder: Any, plan: SweepPlan) -> None:
+    """The study's plots on the parent run (results.sweep_plots); never fails the sweep."""
+    try:
+        import optuna
+
+        from results.sweep_plots import log_sweep_plots
+
+        study = optuna.load_study(study_name=str(plan.options.name), storage=plan.optuna_url)
+        log_sweep_plots(recorder.client, recorder.parent_id, study)
+    except Exception as exc:
+        log.warning("could not log the sweep plots: %s", exc)
 

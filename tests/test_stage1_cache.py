@@ -122,7 +122,11 @@ def test_concurrent_processes_train_once(tmp_path: Path) -> None:
     assert all(state == outcomes[0][1] and history == outcomes[0][2]
                for _, state, history in outcomes)
     expected = trained_payload(0)["state_dict"]
-    assert outcomes[0][1] == {name: tensor.tolist() for name, tensor in expected.items()}
+    # trained in another process (other thread count), so equal up to float summation order
+    assert outcomes[0][1].keys() == expected.keys()
+    for name, tensor in expected.items():
+        got = torch.tensor(outcomes[0][1][name], dtype=torch.float64)
+        assert torch.allclose(got, tensor.double(), atol=1e-5), name
 
 
 def test_a_failed_training_leaves_nothing_and_releases_the_lock(tmp_path: Path) -> None:

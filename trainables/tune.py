@@ -5,7 +5,9 @@ images/s, the phase) plus:
 - `method_epoch`: epochs since every searched dimension has acted (0 before). ASHA counts its
   rungs on it, so no trial is stopped before its method has acted, and every trial at a rung is
   at the same epoch of the same phase (comparable metrics).
-- `total_epochs`, `node_id` (the Ray node running the trial), `final`, `diverged`,
+- `total_epochs`, `node_id` and `node_ip` (the Ray node running the trial), `pid` (its worker
+  process), `trial_key` (the trial's record name, see below), `resumed_from_epoch` (the epoch of
+  the checkpoint this run of the trial started from, 0 for a fresh start), `final`, `diverged`,
   `trial_seconds` (since the trial function started: data, model and all epochs so far).
 
 The last epoch is reported after the pipeline returns, together with the test accuracy and the
@@ -14,11 +16,20 @@ driver sees each trial's end in one result. Live epochs are checkpointed (`snaps
 torch.save); a restored or retried trial resumes from its latest checkpoint. Epochs replayed from
 the stage-1 cache are not checkpointed: a restart replays them again at no cost. Checkpoints are
 spaced by `checkpoint_interval_s` so that sub-second epochs are not dominated by saving.
+Checkpoints hold tensors and plain values only and load with `torch.load(weights_only=True)`.
+
+Trial records (`records_dir`, on the storage every node reaches): the moment a trial ends, its
+last result is written to `<records_dir>/<trial_key>.json`, by the trial itself (completed,
+diverged) or by the driver (stopped early, failed; see search.callbacks). A trial started again
+with a record (a resumed sweep whose Tune state predates the trial's end) replays the record
+instead of training: a finished trial is never re-run, whatever the driver lost.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +53,34 @@ class TrialRuntime:
     # Checkpoint a live epoch when this many seconds passed since the last one (0: every epoch).
     # Tiny epochs would otherwise spend more time saving state than training.
     checkpoint_interval_s: float = 10.0
+    records_dir: str | None = None  # where trials' end records live (see the module docstring)
+
+
+def record_path(records_dir: str | Path, trial_key: str) -> Path:
+    return Path(records_dir) / f"{trial_key}.json"
+
+
+def write_record(records_dir: str | Path, trial_key: str, status: str,
+                 result: Mapping[str, Any], error: str | None = None) -> None:
+    """Record a trial's end atomically (a reader sees the whole record or none)."""
+    path = record_path(records_dir, trial_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"status": status, "result": dict(result), "error": error}
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(record, default=str))
+    os.replace(partial, path)
+
+
+def read_record(records_dir: str | Path | None, trial_key: str) -> dict[str, Any] | None:
+    """The trial's end record, or None (no records dir, no record yet)."""
+    if records_dir is None:
+        return None
+    path = record_path(records_dir, trial_key)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class RecordedFailure(RuntimeError):
+    """A trial that failed before (its record says so) is not run again."""
 
 
 def trial_status(result: Mapping[str, Any] | None, error: bool = False) -> str:
@@ -59,10 +98,14 @@ class EpochReporter:
     """Turns the pipeline's on_epoch calls into Tune reports (see the module docstring)."""
 
     def __init__(self, total_epochs: int, runtime: TrialRuntime, node_id: str,
-                 report: Callable[..., None], make_checkpoint: Callable[[Path], Any]) -> None:
+                 report: Callable[..., None], make_checkpoint: Callable[[Path], Any],
+                 trial_key: str = "", node_ip: str = "", resumed_from_epoch: int = 0) -> None:
         self.total_epochs = total_epochs
         self.runtime = runtime
         self.node_id = node_id
+        # where this run of the trial is (node, process) and what it continues from
+        self.identity = {"trial_key": trial_key, "node_ip": node_ip, "pid": os.getpid(),
+                         "resumed_from_epoch": resumed_from_epoch}
         self._report = report
         self._make_checkpoint = make_checkpoint
         self.pending: dict[str, Any] | None = None  # the last epoch, reported by finish()
@@ -89,7 +132,8 @@ class EpochReporter:
         last = self.pending
         if last is None:  # the pipeline reported nothing for its last epoch: use its history
             last = self._result(outcome["history"][-1]) if outcome["history"] else {
-                "epoch": outcome["epochs_run"], "method_epoch": 0, "node_id": self.node_id}
+                "epoch": outcome["epochs_run"], "method_epoch": 0, "node_id": self.node_id,
+                **self.identity}
         final = {
             **last,
             "trial_seconds": time.monotonic() - self._started,
@@ -103,6 +147,10 @@ class EpochReporter:
                         ("status", "val", "test", "class_counts", "diagnostics", "config",
                          "protocol", "device", "epochs_run")},
         }
+        if self.runtime.records_dir is not None and self.identity["trial_key"]:
+            # before the report: a driver killed right after it still finds the trial's end
+            write_record(self.runtime.records_dir, self.identity["trial_key"],
+                         "diverged" if final["diverged"] else "completed", final)
         self._report(final)
 
     def _result(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,6 +164,7 @@ class EpochReporter:
         result["method_epoch"] = max(0, int(metrics["epoch"]) - self.runtime.rung_offset)
         result["total_epochs"] = self.total_epochs
         result["node_id"] = self.node_id
+        result.update(self.identity)
         result["final"] = False
         result["trial_seconds"] = time.monotonic() - self._started
         return result
@@ -129,7 +178,15 @@ def load_checkpoint(checkpoint: Any) -> dict[str, Any] | None:
 
     with checkpoint.as_directory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
-        return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+        # weights_only: a checkpoint is data (tensors, numbers, lists), never code
+        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+def replay_record(record: Mapping[str, Any], report: Callable[..., None]) -> None:
+    """Report a recorded end again (see the module docstring); a failure is raised again."""
+    if record["status"] == "failed":
+        raise RecordedFailure(f"trial failed before: {record.get('error') or 'see its record'}")
+    report(dict(record["result"]))
 
 
 def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> None:
@@ -142,13 +199,22 @@ def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> 
     from trainables.pipeline import run_trial
 
     runtime = runtime or TrialRuntime()
+    context = tune.get_context()
+    trial_key = str(config.get("trial_key") or context.get_trial_id())
+    record = read_record(runtime.records_dir, trial_key)
+    if record is not None:
+        replay_record(record, tune.report)
+        return
     trial = TrialConfig.from_dict(config["trial"])
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    cpus = context.get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))  # one trial per core on a shared machine
+    resume = load_checkpoint(tune.get_checkpoint())
+    resumed_from = int(resume["history"][-1]["epoch"]) if resume and resume.get("history") else 0
     reporter = EpochReporter(
         trial.total_epochs, runtime, ray.get_runtime_context().get_node_id(),
         report=tune.report, make_checkpoint=lambda p: tune.Checkpoint.from_directory(str(p)),
+        trial_key=trial_key, node_ip=ray.util.get_node_ip_address(),
+        resumed_from_epoch=resumed_from,
     )
-    resume = load_checkpoint(tune.get_checkpoint())
     outcome = run_trial(trial, reporter.on_epoch, resume_state=resume, cache_dir=runtime.cache_dir)
     reporter.finish(outcome)
