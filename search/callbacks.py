@@ -16,7 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from search.optuna_search import KEY
-from trainables.tune import read_record, trial_status, write_record
+from trainables.tune import BACKFILL, read_record, trial_status, write_record
 
 log = logging.getLogger(__name__)
 # Where a trial runs, tagged on its MLflow run whenever it changes (a retry may move it).
@@ -86,6 +86,8 @@ class MlflowSweepCallback(Callback):
                         **info: Any) -> None:
         key = self._run(trial)
         self._tag_placement(key, result)
+        for earlier in result.get(BACKFILL) or ():  # epochs a restart may have lost
+            self.recorder.log_epoch(key, earlier)
         if "epoch" in result:
             self.recorder.log_epoch(key, result)
 
@@ -149,6 +151,7 @@ class ProgressCallback(Callback):
         self._last = self._started
         self._ended: dict[str, str] = {}
         self._best: float | None = None
+        self._counted_restored = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {"num_samples": self.num_samples, "every": self.every}
@@ -170,6 +173,20 @@ class ProgressCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended_line(trial, error=True)
 
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._counted_restored:
+            return
+        self._counted_restored = True  # a resumed sweep counts the trials that ended before
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                last = trial.last_result or {}
+                self._ended[trial_key(trial)] = trial_status(last, trial.status == "ERROR")
+                self._note_best(self._ended[trial_key(trial)], last.get("val_all"))
+
+    def _note_best(self, status: str, val: Any) -> None:
+        if status == "completed" and isinstance(val, float):
+            self._best = val if self._best is None else max(self._best, val)
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
         if now - self._last < self.every:
@@ -186,8 +203,7 @@ class ProgressCallback(Callback):
         key = trial_key(trial)
         self._ended[key] = status
         val = last.get("val_all")
-        if status == "completed" and isinstance(val, float):
-            self._best = val if self._best is None else max(self._best, val)
+        self._note_best(status, val)
         where = f"epoch {last.get('epoch', 0)}/{last.get('total_epochs', '?')}"
         score = f"val_all {val:.4f}" if isinstance(val, float) else "no result"
         _say(f"{self._clock()} [{len(self._ended)}/{self.num_samples}] trial {key} "

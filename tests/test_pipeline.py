@@ -170,3 +170,60 @@ def test_classifier_phase_keeps_features_and_bn_statistics():
     assert not torch.equal(final["classifier.weight"].cpu(), after_stage1["classifier.weight"])
     radius = result["diagnostics"]["maxnorm_radius"]
     assert max(result["diagnostics"]["weight_norms"]["final"]) <= radius + 1e-5
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainables.pipeline", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_runs_dro_lt_end_to_end_and_prints_radii():
+    done = _run_cli(
+        "--method",
+        "dro_lt",
+        "--radius",
+        "learned",
+        "--lam",
+        "0.5",
+        "--epochs",
+        "3",
+        "--dro-epochs",
+        "2",
+        "--cls-epochs",
+        "1",
+    )
+    assert done.returncode == 0, done.stderr
+    phases = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("[")]
+    assert phases == ["[stage1"] * 3 + ["[dro"] * 2 + ["[classifier"]
+    radii_line = next(line for line in done.stdout.splitlines() if line.startswith("radii"))
+    radii = [float(value) for value in radii_line.split(":")[-1].split(",")]
+    # learned radii start at eps (default 1.0) and the loss alone only lowers them
+    assert len(radii) == 10 and all(0 <= value <= 1.0 + 1e-6 for value in radii)
+    assert any(line.startswith("test ") for line in done.stdout.splitlines())
+    assert "nearest-class-mean" in done.stdout
+
+
+def test_cli_runs_weight_balancing_and_prints_the_norm_spread():
+    done = _run_cli(
+        "--method", "wb", "--wd", "5e-3", "--maxnorm", "0.1", "--epochs", "3", "--cls-epochs", "2"
+    )
+    assert done.returncode == 0, done.stderr
+    norms = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("classifier row norms"):
+            stage = line.split("(")[1].split(")")[0]
+            words = line.split()
+            norms[stage] = (
+                float(words[words.index("min") + 1]),
+                float(words[words.index("max") + 1]),
+            )
+    assert set(norms) == {"stage1", "final"}
+    low, high = norms["stage1"]
+    radius = low + 0.1 * (high - low)  # delta = min + t (max - min), t = 0.1
+    # every row ends inside the MaxNorm ball (printed to 3 decimals)
+    assert norms["final"][1] <= radius + 2e-3
+    assert norms["final"][1] < high

@@ -23,6 +23,10 @@ last result is written to `<records_dir>/<trial_key>.json`, by the trial itself 
 diverged) or by the driver (stopped early, failed; see search.callbacks). A trial started again
 with a record (a resumed sweep whose Tune state predates the trial's end) replays the record
 instead of training: a finished trial is never re-run, whatever the driver lost.
+
+Backfill: the first report after a resume from a checkpoint, and a replayed end, carry
+`backfill`, the trial's earlier epochs (from the checkpoint or the record), so the driver can
+log epochs it lost (a driver killed outright loses the epochs it had not written yet).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ CHECKPOINT_FILE = "trial_state.pt"
 REPORTED = ("epoch", "phase", "phase_epoch", "train_loss", "lr", "val_all", "val_many",
             "val_medium", "val_few", "epoch_seconds", "train_seconds", "images_per_second",
             "replayed", "diverged", "ncm_all", "ncm_many", "ncm_medium", "ncm_few")
+BACKFILL = "backfill"
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,14 @@ def record_path(records_dir: str | Path, trial_key: str) -> Path:
 
 
 def write_record(records_dir: str | Path, trial_key: str, status: str,
-                 result: Mapping[str, Any], error: str | None = None) -> None:
-    """Record a trial's end atomically (a reader sees the whole record or none)."""
+                 result: Mapping[str, Any], error: str | None = None,
+                 history: list[dict[str, Any]] | None = None) -> None:
+    """Record a trial's end atomically (a reader sees the whole record or none): its status,
+    last result, error message and per-epoch history (see `epoch_entry`)."""
     path = record_path(records_dir, trial_key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"status": status, "result": dict(result), "error": error}
+    record = {"status": status, "result": {k: v for k, v in result.items() if k != BACKFILL},
+              "error": error, "history": history or []}
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     partial.write_text(json.dumps(record, default=str))
     os.replace(partial, path)
@@ -77,6 +85,14 @@ def read_record(records_dir: str | Path | None, trial_key: str) -> dict[str, Any
         return None
     path = record_path(records_dir, trial_key)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def epoch_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """One epoch of the pipeline's history as reported (what backfill carries)."""
+    entry = {key: metrics[key] for key in REPORTED if key in metrics}
+    if entry.get("replayed"):  # the cache's history keeps the original trial's train time
+        entry["train_seconds"] = 0.0
+    return entry
 
 
 class RecordedFailure(RuntimeError):
@@ -99,14 +115,16 @@ class EpochReporter:
 
     def __init__(self, total_epochs: int, runtime: TrialRuntime, node_id: str,
                  report: Callable[..., None], make_checkpoint: Callable[[Path], Any],
-                 trial_key: str = "", node_ip: str = "", resumed_from_epoch: int = 0) -> None:
+                 trial_key: str = "", node_ip: str = "", resumed_from_epoch: int = 0,
+                 backfill: list[dict[str, Any]] | None = None) -> None:
         self.total_epochs = total_epochs
         self.runtime = runtime
         self.node_id = node_id
         # where this run of the trial is (node, process) and what it continues from
         self.identity = {"trial_key": trial_key, "node_ip": node_ip, "pid": os.getpid(),
                          "resumed_from_epoch": resumed_from_epoch}
-        self._report = report
+        self._report_fn = report
+        self._backfill = backfill or None  # sent with the first report, then dropped
         self._make_checkpoint = make_checkpoint
         self.pending: dict[str, Any] | None = None  # the last epoch, reported by finish()
         self._started = self._last_checkpoint = time.monotonic()
@@ -127,6 +145,12 @@ class EpochReporter:
             self._last_checkpoint = time.monotonic()
         else:
             self._report(result)
+
+    def _report(self, result: dict[str, Any], **kwargs: Any) -> None:
+        if self._backfill:
+            result = {**result, BACKFILL: self._backfill}
+            self._backfill = None
+        self._report_fn(result, **kwargs)
 
     def finish(self, outcome: dict[str, Any]) -> None:
         last = self.pending
@@ -150,14 +174,13 @@ class EpochReporter:
         if self.runtime.records_dir is not None and self.identity["trial_key"]:
             # before the report: a driver killed right after it still finds the trial's end
             write_record(self.runtime.records_dir, self.identity["trial_key"],
-                         "diverged" if final["diverged"] else "completed", final)
+                         "diverged" if final["diverged"] else "completed", final,
+                         history=[epoch_entry(m) for m in outcome["history"]])
         self._report(final)
 
     def _result(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        result = {key: metrics.get(key) for key in REPORTED if key in metrics}
+        result = epoch_entry(metrics)
         result["replayed"] = bool(metrics.get("replayed", False))
-        if result["replayed"]:  # the cache's history keeps the original trial's train time
-            result["train_seconds"] = 0.0
         loss = metrics.get("train_loss")
         result["diverged"] = bool(metrics.get("diverged")) or (
             isinstance(loss, float) and not math.isfinite(loss))
@@ -186,7 +209,7 @@ def replay_record(record: Mapping[str, Any], report: Callable[..., None]) -> Non
     """Report a recorded end again (see the module docstring); a failure is raised again."""
     if record["status"] == "failed":
         raise RecordedFailure(f"trial failed before: {record.get('error') or 'see its record'}")
-    report(dict(record["result"]))
+    report({**record["result"], BACKFILL: record.get("history") or []})
 
 
 def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> None:
@@ -209,12 +232,13 @@ def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> 
     cpus = context.get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))  # one trial per core on a shared machine
     resume = load_checkpoint(tune.get_checkpoint())
-    resumed_from = int(resume["history"][-1]["epoch"]) if resume and resume.get("history") else 0
+    history = (resume or {}).get("history") or []
+    resumed_from = int(history[-1]["epoch"]) if history else 0
     reporter = EpochReporter(
         trial.total_epochs, runtime, ray.get_runtime_context().get_node_id(),
         report=tune.report, make_checkpoint=lambda p: tune.Checkpoint.from_directory(str(p)),
         trial_key=trial_key, node_ip=ray.util.get_node_ip_address(),
-        resumed_from_epoch=resumed_from,
+        resumed_from_epoch=resumed_from, backfill=[epoch_entry(m) for m in history],
     )
     outcome = run_trial(trial, reporter.on_epoch, resume_state=resume, cache_dir=runtime.cache_dir)
     reporter.finish(outcome)
