@@ -175,10 +175,13 @@ def measure(
 
     autocast = STAGE1.amp and device.type == "cuda"
     stream = endless(batches)
-    if warmup > 0:
-        train_epoch(islice(stream, warmup), loss_fn, optimizer, scheduler, autocast=autocast)
-    # train_epoch syncs the device at its end, so the measured call starts from an idle queue
-    return train_epoch(islice(stream, steps), loss_fn, optimizer, scheduler, autocast=autocast)
+    try:
+        if warmup > 0:
+            train_epoch(islice(stream, warmup), loss_fn, optimizer, scheduler, autocast=autocast)
+        # train_epoch syncs the device at its end, so the measured call starts from an idle queue
+        return train_epoch(islice(stream, steps), loss_fn, optimizer, scheduler, autocast=autocast)
+    finally:
+        stream.close()  # stops DataLoader workers now, not when the next path is being timed
 
 
 def compare(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -91,6 +91,8 @@ class TrialRunner:
         ).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+            # fixed input shapes: let cuDNN pick the fastest kernels once
+            torch.backends.cudnn.benchmark = True
         self.radii = None
         if config.dro_epochs > 0:
             from trainables.losses import make_radii
