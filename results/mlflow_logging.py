@@ -152,8 +152,7 @@ class SweepRecorder:
         run that has ended is returned as it is and stays untouched (see `is_ended`)."""
         if trial_id in self._children:
             return self._children[trial_id]
-        found = self._search(f"tags.`{PARENT}` = '{self.parent_id}' AND "
-                             f"tags.`{TRIAL_ID}` = '{trial_id}'")
+        found = self._find(trial_id)
         extra = {f"tailtune.{key}": str(value) for key, value in (tags or {}).items()}
         if found and found[0].info.status in ENDED_RUN_STATUSES:
             self._children[trial_id] = found[0].info.run_id
@@ -178,6 +177,26 @@ class SweepRecorder:
         self.client.set_tag(run_id, STATUS, "running")
         self._children[trial_id] = run_id
         return run_id
+
+    def finish_from_record(self, trial_id: str, record: Mapping[str, Any]) -> str | None:
+        """Close the trial's run from its end record (trainables.tune) when the driver missed
+        the end (an interrupt, the time budget): the epochs it lacks, final metrics, status.
+        Returns the run id, or None when there is no open run to close."""
+        found = self._find(trial_id)
+        if not found or found[0].info.status in ENDED_RUN_STATUSES:
+            return None
+        self.trial_run(trial_id, {})  # reopens it (the config is only for a new run)
+        result = record["result"]
+        for entry in [*(record.get("history") or []), result]:
+            if "epoch" in entry:
+                self.log_epoch(trial_id, entry)
+        status = record["status"]
+        outcome = result.get("outcome") if status in ("completed", "diverged") else None
+        return self.finish_trial(trial_id, status, result, outcome, record.get("error"))
+
+    def _find(self, trial_id: str) -> list[Any]:
+        return self._search(f"tags.`{PARENT}` = '{self.parent_id}' AND "
+                            f"tags.`{TRIAL_ID}` = '{trial_id}'")
 
     def has_run(self, trial_id: str) -> bool:
         """Whether this recorder has found or made the trial's run."""

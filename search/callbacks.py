@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, TRIAL_ID
 
 from search.optuna_search import KEY
 from trainables.tune import BACKFILL, read_record, trial_status, write_record
 
 log = logging.getLogger(__name__)
-# Where a trial runs, tagged on its MLflow run whenever it changes (a retry may move it).
+# Where a trial runs, tagged on its MLflow run whenever it changes (a retry may move it):
+# node_id from trainables.tune, node_ip and pid as Tune fills them into every result.
 PLACEMENT = ("node_id", "node_ip", "pid")
+# What Tune adds to a trial's results: not part of the trial's own record.
+TUNE_KEYS = frozenset({*AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, TRIAL_ID})
 
 
 def trial_key(trial: Any) -> str:
@@ -69,6 +73,10 @@ class MlflowSweepCallback(Callback):
     def setup(self, **info: Any) -> None:
         self.recorder  # noqa: B018 - find or create the parent run before any trial
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # also after an interrupt: the epochs still buffered are written, not lost
+        self.recorder.flush()
+
     def _run(self, trial: Any) -> str:
         key = trial_key(trial)
         if not self.recorder.has_run(key):
@@ -116,20 +124,23 @@ class MlflowSweepCallback(Callback):
         message = _error_text(trial) if error else None
         if self.records_dir is not None and read_record(self.records_dir, key) is None:
             # completed and diverged trials wrote theirs before their last report
-            write_record(self.records_dir, key, status, last, message)
+            own = {name: value for name, value in last.items() if name not in TUNE_KEYS}
+            write_record(self.records_dir, key, status, own, message)
         self._tag_placement(key, last)
         outcome = last.get("outcome") if status in ("completed", "diverged") else None
         run_id = self.recorder.finish_trial(key, status, last, outcome, message)
         if self.plots and outcome and run_id:
-            self._log_plots(run_id, outcome)
-
-    def _log_plots(self, run_id: str, outcome: Mapping[str, Any]) -> None:
-        try:
-            from results.plots import log_trial_plots
-
             log_trial_plots(self.recorder.client, run_id, outcome)
-        except Exception as exc:  # plots are a convenience: never fail the sweep for them
-            log.warning("could not log the plots of run %s: %s", run_id, exc)
+
+
+def log_trial_plots(client: Any, run_id: str, outcome: Mapping[str, Any]) -> None:
+    """A finished trial's plots (results.plots) on its run; a plotting error is a warning."""
+    try:
+        from results.plots import log_trial_plots as log_plots
+
+        log_plots(client, run_id, outcome)
+    except Exception as exc:  # plots are a convenience: never fail the sweep for them
+        log.warning("could not log the plots of run %s: %s", run_id, exc)
 
 
 def _error_text(trial: Any) -> str:

@@ -11,11 +11,14 @@ ray.init's failures there become one-line SetupErrors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import secrets
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +75,7 @@ def connect(address: str | None) -> dict[str, float]:
     """
     # Ray's new console output ignores verbose=0; the sweep prints its own progress.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if address is None and "ray" not in sys.modules:
-        # before Ray is imported: it reads its authentication settings once, at import
+    if address is None and "ray" not in sys.modules:  # Ray reads these once, at import
         os.environ.update(local_auth_settings())
     import ray
 
@@ -84,16 +86,60 @@ def connect(address: str | None) -> dict[str, float]:
                  logging_level=logging.WARNING, configure_logging=True)
         return dict(ray.cluster_resources())
     head = check_address(address)
-    try:
-        ray.init(address=head, log_to_driver=False, logging_level=logging.WARNING,
-                 configure_logging=True)
-    except Exception as exc:  # ConnectionError, AuthenticationError, version mismatch, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        hint = ("; set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN_PATH), see "
-                "docs/cluster.md" if "auth" in first.lower() or "token" in first.lower() else "")
-        raise SetupError(f"--address {address}: the Ray cluster at {head} refused this driver "
-                         f"({first}){hint}") from None
+    with _stderr_kept() as kept:  # Ray's core logs each failed attempt: a page, not a line
+        try:
+            ray.init(address=head, log_to_driver=False, logging_level=logging.WARNING,
+                     configure_logging=True)
+        except Exception as exc:  # ConnectionError, AuthenticationError, version mismatch
+            kept.discard = True
+            raise SetupError(_refusal(address, head, exc)) from None
     return dict(ray.cluster_resources())
+
+
+class _Kept:
+    discard = False
+
+
+@contextlib.contextmanager
+def _stderr_kept() -> Iterator[_Kept]:
+    """Hold what is written to file descriptor 2 (Ray's C++ core writes there directly) and
+    pass it on at the end, unless told to discard it."""
+    kept = _Kept()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold
+        yield kept
+        return
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        os.dup2(held.fileno(), 2)
+        try:
+            yield kept
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not kept.discard:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+                sys.stderr.flush()
+
+
+def _refusal(address: str, head: str, exc: BaseException) -> str:
+    """One line for a cluster that answered but refused this driver (Ray's own message is
+    'Failed to connect'; the reason is down its exception chain)."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(chain)
+    if "InvalidAuthToken" in text or "uthentication" in text:
+        return (f"--address {address}: the Ray cluster at {head} refused this driver's "
+                "authentication token; accepted: RAY_AUTH_MODE=token with the cluster's token "
+                "in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (see docs/cluster.md)")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (f"--address {address}: the Ray cluster at {head} refused this driver ({first}); "
+            "accepted: a cluster of the same Ray version (2.60) that this machine can join")
 
 
 def fit_resources(options: SweepOptions, cluster: dict[str, float]) -> TrialResources:

@@ -25,21 +25,24 @@ class SetupError(ValueError):
     """An environment the sweep cannot use; the message names it and what is accepted."""
 
 
-def check_storage(storage: str | Path, flag: str = "--storage") -> None:
-    """The folder exists and takes files, or can be created; nothing is left behind."""
+def check_storage(storage: str | Path, what: str | None = None) -> None:
+    """The folder exists and takes files, or can be created; nothing is left behind. `what`
+    names it in messages (default: --storage and the path)."""
     path = Path(storage)
+    what = what or f"--storage {path}"
     existing = path
     while not existing.exists():  # the nearest ancestor that exists
         existing = existing.parent
     if not existing.is_dir():
-        raise SetupError(f"{flag} {path} cannot be created: {existing} is not a folder; "
+        raise SetupError(f"{what} cannot be created: {existing} is not a folder; "
                          "accepted: a folder path this user can write")
     try:  # os.access says yes to root even on a read-only file system: try for real
         handle, probe = tempfile.mkstemp(prefix=".tailtune-probe-", dir=existing)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise SetupError(f"{flag} {path} is not writable ({_reason(exc)} in {existing}); "
+        raise SetupError(f"{what} is not writable (cannot create a file in {existing}: "
+                         f"{_reason(exc)}); "
                          "accepted: a folder this user can write (on a cluster, one every "
                          "node reaches at the same path)") from None
 
@@ -57,7 +60,7 @@ def check_tracking(uri: str) -> None:
                              f"{TRACKING_SCHEMES}")
         # sqlite:////abs/path (four slashes) is absolute; sqlite:///rel/path is relative
         path = Path("/" + database) if uri.startswith("sqlite:////") else Path(database)
-        check_storage(path.parent, flag="--mlflow-uri")
+        check_storage(path.parent, what=f"--mlflow-uri {uri}")
     elif scheme in ("", "file"):
         raise SetupError(f"--mlflow-uri {uri} is a file store, which MLflow 3.13+ refuses; "
                          f"accepted: {TRACKING_SCHEMES}")
@@ -87,6 +90,8 @@ def resolve_address(address: str) -> tuple[str, int]:
                 "machine) or the head's HOST:PORT")
     try:
         resolved = canonicalize_bootstrap_address(address)
+    except ConnectionError:  # auto, and nothing to find
+        resolved = None
     except Exception as exc:  # a malformed address, an unresolvable host name
         raise SetupError(f"--address {address} is not a Ray address ({_reason(exc)}); "
                          f"{accepted}") from None
@@ -118,5 +123,8 @@ def _reason(exc: BaseException) -> str:
         exc = exc.reason if isinstance(exc.reason, BaseException) else exc
     if isinstance(exc, TimeoutError | socket.timeout):
         return f"no answer within {PROBE_TIMEOUT_S:g} s"
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return text.splitlines()[0].rstrip(".").lower() if text else type(exc).__name__
+    text = (getattr(exc, "strerror", None) or str(exc)).strip()
+    if not text:
+        return type(exc).__name__
+    first = text.splitlines()[0].rstrip(".")
+    return first[0].lower() + first[1:]

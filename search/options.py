@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="sweep name (default: <space>-<dataset>-<time>)")
     p.add_argument("--seed", type=int, default=0, help="TPE and training seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name")
-    p.add_argument("--time-budget", type=float, help="seconds; then running trials stop")
+    p.add_argument("--time-budget", type=float,
+                   help="seconds; then running trials stop (counted again on --resume)")
     p.add_argument("--top", type=int, default=10, help="leaderboard rows (default: 10)")
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="log no plots to MLflow (default: each finished trial's and the sweep's)")
@@ -197,14 +198,13 @@ def _resume_options(values: dict[str, Any], argv: list[str]) -> SweepOptions:
         raise UsageError(f"no sweep {values['name']!r} to resume in {storage}; "
                          f"accepted: a --name with {SWEEP_FILE} under --storage")
     options = SweepOptions(**json.loads(saved.read_text()))
-    # What may change on resume: where it runs, how long it may take, what it prints and plots.
-    for name, flag in (("address", "--address"), ("time_budget", "--time-budget"),
-                       ("top", "--top"), ("plots", "--no-plots")):
+    # What may change on resume: where it runs and what it prints. The rest (time budget and
+    # plots included) is restored with the Tune experiment, so it stays as the sweep began.
+    for name, flag in (("address", "--address"), ("top", "--top")):
         if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
             setattr(options, name, values[name])
     options.resume = True
     _at_least("--top", options.top, 1)
-    _positive("--time-budget", options.time_budget)
     return options
 
 

@@ -18,13 +18,15 @@ for after Tune's last snapshot (or before its first). Such an orphan is not aske
 Tune next asks for a trial, the orphan is adopted, with its own parameters and key, so the sweep
 ends with exactly num_samples trials in Tune, in the study and in MLflow. Trials the restored
 state knows but the study has finished meanwhile are not told again. The end records make an
-adopted or restored trial that had already ended replay its end instead of training again.
+adopted or restored trial that had already ended replay its end instead of training again; an
+adopted trial that had not ended trains from its first epoch (its checkpoints belong to a Tune
+trial the snapshot never knew), and its MLflow run keeps the epochs it logged before.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import optuna
@@ -36,6 +38,7 @@ from trainables.tune import trial_status
 
 log = logging.getLogger(__name__)
 KEY = "trial_key"  # the config entry naming a trial's records (MLflow run, end record)
+METRIC_NAME = "val_all"  # the objective (search.scheduler.METRIC)
 OPTUNA_STATE = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED,
                 "diverged": TrialState.FAIL, "failed": TrialState.FAIL}
 
@@ -135,19 +138,39 @@ class StatusOptunaSearch(OptunaSearch):
         return self._ot_study
 
 
+def close_from_records(storage_url: str, study_name: str,
+                       records: Mapping[str, Mapping[str, Any]]) -> int:
+    """Tell the study how its RUNNING trials ended, from their end records (trainables.tune):
+    for trials that ended while the driver was not listening (an interrupt, the time budget).
+    Returns how many were told."""
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    told = 0
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        record = records.get(frozen.user_attrs.get("tune_trial_id", ""))
+        if record is not None:
+            _tell(study, frozen, record["status"], record["result"].get(METRIC_NAME))
+            told += 1
+    return told
+
+
 def close_unfinished(storage_url: str, study_name: str, status: str = "stopped_early") -> int:
-    """Close every trial of the study still RUNNING (PRUNED for stopped_early, else FAIL);
+    """Close every trial of the study still RUNNING as `status` (stopped_early: PRUNED);
     returns how many.
 
     For a sweep that ended with trials unfinished (the time budget stopped them), not for an
     interrupted one that --resume will continue: those trials must stay open.
     """
     study = optuna.load_study(study_name=study_name, storage=storage_url)
-    state = TrialState.PRUNED if status == "stopped_early" else TrialState.FAIL
-    closed = 0
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # Optuna has no public setter for a trial known only by number; the storage call is it.
-        study._storage.set_trial_user_attr(frozen._trial_id, "tailtune_status", status)
-        study.tell(frozen.number, state=state)
-        closed += 1
-    return closed
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for frozen in running:
+        _tell(study, frozen, status, None)
+    return len(running)
+
+
+def _tell(study: Any, frozen: FrozenTrial, status: str, value: Any) -> None:
+    state = OPTUNA_STATE[status]
+    if state == TrialState.COMPLETE and not isinstance(value, int | float):
+        state = TrialState.FAIL
+    # Optuna has no public setter for a trial known only by number; the storage call is it.
+    study._storage.set_trial_user_attr(frozen._trial_id, "tailtune_status", status)
+    study.tell(frozen.number, value if state == TrialState.COMPLETE else None, state=state)

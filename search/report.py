@@ -39,7 +39,8 @@ def final_report(plan: SweepPlan, outcome: SweepOutcome) -> str:
     protocol = plan.dataset["protocol"]
     lines = [f"Sweep {o.name} {outcome.status} in {outcome.wall_seconds:.1f} s", ""]
     if outcome.results is not None:
-        rows = rows_from_results(outcome.results, interrupted=outcome.status != "completed")
+        rows = rows_from_results(outcome.results, interrupted=outcome.status != "completed",
+                                 records=outcome.records)
         lines += [leaderboard(rows, o.top, protocol), "", best_line(rows, protocol), ""]
     lines += [
         f"Tune results:  {plan.sweep_dir / TUNE_FOLDER}",

@@ -105,9 +105,13 @@ def _run(options, plan) -> int:
         except UsageError as exc:
             return _fail(exc)
         print(header(plan, resources), flush=True)
+        from search.environment import SetupError
         from search.sweep import run_sweep
 
-        outcome = run_sweep(plan, resources)
+        try:
+            outcome = run_sweep(plan, resources)
+        except SetupError as exc:  # MLflow refused the sweep's first record
+            return _fail(exc)
         print(final_report(plan, outcome), flush=True)
         return 0 if outcome.status == "completed" else 1
     finally:

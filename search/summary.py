@@ -8,7 +8,7 @@ Test accuracy is reported, never used to rank.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,24 +30,31 @@ class TrialRow:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def rows_from_results(results: Any, interrupted: bool = False) -> list[TrialRow]:
+def rows_from_results(results: Any, interrupted: bool = False,
+                      records: Mapping[str, Mapping[str, Any]] | None = None) -> list[TrialRow]:
     """TrialRows from a Tune ResultGrid, ranked (see the module docstring).
 
-    Trials Tune had not ended are "unfinished" when the sweep was interrupted (--resume goes
-    on with them), else "stopped_early" (the time budget ended them)."""
+    `records`: trial key -> end record (trainables.tune) of the trials that have ended; a
+    record is the truth about its trial (the driver may have stopped before it saw the end).
+    Without records, Tune's trial states say which trials ended (they count an interrupted
+    trial as ended). Trials not ended are "unfinished" when the sweep was interrupted
+    (--resume goes on with them), else "stopped_early" (the time budget ended them)."""
     rows = []
     # ResultGrid keeps no trial state; its analysis does (same order as the results).
     analysis = getattr(results, "_experiment_analysis", None)
     states = [t.status for t in analysis.trials] if analysis is not None else []
     for index, result in enumerate(results):
         metrics = result.metrics or {}
-        status = trial_status(metrics, result.error is not None)
-        if index < len(states) and states[index] not in ENDED:
-            status = "unfinished" if interrupted else "stopped_early"
         config = result.config or {}
+        # the key names the trial's MLflow run (the Tune id unless it adopted another's)
+        key = str(config.get("trial_key") or metrics.get("trial_id") or _trial_id(result))
+        status = trial_status(metrics, result.error is not None)
+        if records is not None and key in records:
+            status, metrics = records[key]["status"], records[key]["result"]
+        elif records is not None or (index < len(states) and states[index] not in ENDED):
+            status = "unfinished" if interrupted else "stopped_early"
         rows.append(TrialRow(
-            # the key names the trial's MLflow run (the Tune id unless it adopted another's)
-            trial_id=str(config.get("trial_key") or metrics.get("trial_id") or _trial_id(result)),
+            trial_id=key,
             status=status,
             epochs=int(metrics.get("epoch") or 0),
             total_epochs=int(metrics.get("total_epochs") or 0),

@@ -16,16 +16,21 @@ no trial that had ended trains again:
 - a trial that ended is never run again: restarted, it replays its end record;
 - a study trial the Tune snapshot does not know is adopted by the next trial Tune creates
   (search.optuna_search), so the study never grows past num_samples;
-- an MLflow run that has ended is final; an interrupted one is continued, never duplicated.
+- an MLflow run that has ended is final; an interrupted one is continued, never duplicated;
+- at the end of every run of the driver, the end records close what the driver missed
+  (trials that ended during an interrupt or the time budget's last moments) in MLflow and in
+  the study, and what is still running stays open (KILLED "interrupted", RUNNING) for --resume.
 If Tune wrote no snapshot at all before the driver died, a new Tuner starts against the same
 study, records and MLflow runs, and the same rules apply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,13 @@ class SweepPlan:
     def records_dir(self) -> Path:
         return self.sweep_dir / RECORDS_FOLDER
 
+    def end_records(self) -> dict[str, dict[str, Any]]:
+        """Trial key -> end record (trainables.tune) of every trial that has ended."""
+        from trainables.tune import read_record
+
+        keys = sorted(path.stem for path in self.records_dir.glob("*.json"))
+        return {key: read_record(self.records_dir, key) for key in keys}
+
     @property
     def optuna_url(self) -> str:
         return f"sqlite:///{self.sweep_dir / 'optuna.db'}"
@@ -81,12 +93,20 @@ class SweepPlan:
                 "results_dir": str(self.sweep_dir / TUNE_FOLDER)}
 
 
+def _key(result: Any) -> str:
+    from search.optuna_search import KEY
+
+    config = result.config or {}
+    return str(config.get(KEY) or (result.metrics or {}).get("trial_id"))
+
+
 @dataclass
 class SweepOutcome:
     status: str  # completed | interrupted | failed
     results: Any  # Tune ResultGrid
     wall_seconds: float
     parent_run_id: str
+    records: dict[str, Any] | None = None  # end records of the trials that have ended
 
 
 def plan_sweep(options: SweepOptions) -> SweepPlan:
@@ -126,6 +146,7 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
     """A new Tuner, or the restored one for --resume."""
     import optuna
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from search.callbacks import MlflowSweepCallback, ProgressCallback
     from search.optuna_search import StatusOptunaSearch
@@ -157,6 +178,9 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
                             plan.params, records_dir=str(plan.records_dir),
                             plots=options.plots),
         ProgressCallback(options.num_samples),
+        # Tune's JSON and CSV results (what Tuner.restore and ExperimentAnalysis read), not its
+        # TensorBoard logger (see _tune_settings): MLflow has the curves.
+        JsonLoggerCallback(), CSVLoggerCallback(),
     ]
     return tune.Tuner(
         trainable,
@@ -182,11 +206,27 @@ class _DropTuneResumeHint(logging.Filter):
         return "Resume experiment with" not in record.getMessage()
 
 
-def _quiet_tune() -> None:
-    logging.getLogger("ray.tune.tune").addFilter(_DropTuneResumeHint())
-    # Frequent trial checkpoints force frequent experiment snapshots: wanted here (they keep
-    # restarts close to the crash), so Tune's warning about them is noise.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+@contextlib.contextmanager
+def _tune_settings() -> Iterator[None]:
+    """Tune's settings for one fit, restored after it (callers may run other Tune code)."""
+    hint = _DropTuneResumeHint()
+    logging.getLogger("ray.tune.tune").addFilter(hint)
+    settings = {
+        # Frequent trial checkpoints force frequent experiment snapshots: wanted here (they
+        # keep restarts close to the crash), so Tune's warning about them is noise.
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+        # No TensorBoard files (build_tuner adds the JSON and CSV loggers itself).
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    }
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update({k: v for k, v in settings.items() if before[k] is None})
+    try:
+        yield
+    finally:
+        logging.getLogger("ray.tune.tune").removeFilter(hint)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 def start_records(plan: SweepPlan) -> Any:
@@ -202,11 +242,18 @@ def start_records(plan: SweepPlan) -> Any:
     recorder = SweepRecorder(plan.tracking_uri, options.experiment, str(options.name), plan.tags)
     try:
         recorder.start(plan.params)
-    except BaseException:
+    except BaseException as exc:
         if fresh:
             import shutil
 
             shutil.rmtree(plan.sweep_dir, ignore_errors=True)
+        if isinstance(exc, Exception):  # e.g. a database URI MLflow cannot use
+            from search.environment import SetupError
+
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SetupError(f"--mlflow-uri {plan.tracking_uri}: MLflow could not record the "
+                             f"sweep ({first}); accepted: a tracking URI this machine can "
+                             "write (see docs/cluster.md)") from None
         raise
     return recorder
 
@@ -215,46 +262,80 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
     """Create the results folder and MLflow parent run, run the trials, close the records.
 
     An interrupt (Ctrl-C, SIGTERM turned into one by search.run) ends it "interrupted": the
-    records say so and --resume continues it.
+    records say so and --resume continues it. Whatever ended, the end records are the truth:
+    MLflow and the study are brought in line with them before the sweep is closed.
     """
     import optuna
 
-    from search.optuna_search import close_unfinished
     from search.summary import STATUS_ORDER, best_completed, rows_from_results
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter
-    _quiet_tune()
     options = plan.options
     started = time.monotonic()
     recorder = start_records(plan)
     parent = recorder.parent_id
     status, results = "failed", None
     try:
-        results = build_tuner(plan, resources).fit()
+        with _tune_settings():
+            results = build_tuner(plan, resources).fit()
+        # Not Tune's trial states: an interrupted Tune run reports its running trials as
+        # terminated. A trial has ended when its end record says so.
+        ended = plan.end_records()
         all_ended = (len(results) == options.num_samples
-                     and results.num_terminated + results.num_errors == len(results))
+                     and all(_key(result) in ended for result in results))
         budget_spent = (options.time_budget is not None
                         and time.monotonic() - started >= options.time_budget)
         status = "completed" if all_ended or budget_spent else "interrupted"
-        if status == "completed":
-            # Normally none: trials the time budget stopped before they reported.
-            close_unfinished(plan.optuna_url, str(options.name))
-            if options.plots:
-                _log_sweep_plots(recorder, plan)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's own handling
         status = "interrupted"
     finally:
         summary: dict[str, float] = {}
         if results is not None:
-            rows = rows_from_results(results, interrupted=status != "completed")
+            _close_trials(plan, recorder, results, over=status == "completed")
+            rows = rows_from_results(results, interrupted=status != "completed",
+                                     records=plan.end_records())
             best = best_completed(rows)
             if best is not None:
                 summary.update({"best_val_all": best.val["all"], "best_test_all": best.test["all"]})
             for name in STATUS_ORDER:
                 summary[f"trials_{name}"] = sum(row.status == name for row in rows)
         recorder.finish(status, summary)
-    return SweepOutcome(status, results, time.monotonic() - started, parent)
+    if status == "completed" and options.plots:
+        _log_sweep_plots(recorder, plan)
+    return SweepOutcome(status, results, time.monotonic() - started, parent,
+                        plan.end_records())
+
+
+def _close_trials(plan: SweepPlan, recorder: Any, results: Any, over: bool) -> None:
+    """Bring MLflow and the study in line with the end records. Trials that ended while the
+    driver was not listening (an interrupt, the time budget's last moments) are closed from
+    their records. When the sweep is over, trials still unfinished were stopped by the time
+    budget: they get a stopped_early record first."""
+    from search.callbacks import TUNE_KEYS, log_trial_plots
+    from search.optuna_search import close_from_records, close_unfinished
+    from trainables.tune import write_record
+
+    name = str(plan.options.name)
+    if over:
+        ended = plan.end_records()
+        for result in results:
+            if _key(result) not in ended:
+                last = {k: v for k, v in (result.metrics or {}).items() if k not in TUNE_KEYS}
+                write_record(plan.records_dir, _key(result), "stopped_early", last)
+    records = plan.end_records()
+    open_runs = {run.data.tags.get("tailtune.trial_id") for run in recorder.child_runs()
+                 if run.info.status not in ("FINISHED", "FAILED")}
+    for key, record in records.items():
+        if key not in open_runs:
+            continue
+        run_id = recorder.finish_from_record(key, record)
+        outcome = record["result"].get("outcome")
+        if run_id and plan.options.plots and outcome and record["status"] != "failed":
+            log_trial_plots(recorder.client, run_id, outcome)
+    close_from_records(plan.optuna_url, name, records)
+    if over:
+        close_unfinished(plan.optuna_url, name)  # normally none left
 
 
 def _log_sweep_plots(recorder: Any, plan: SweepPlan) -> None:

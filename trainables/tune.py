@@ -5,10 +5,11 @@ images/s, the phase) plus:
 - `method_epoch`: epochs since every searched dimension has acted (0 before). ASHA counts its
   rungs on it, so no trial is stopped before its method has acted, and every trial at a rung is
   at the same epoch of the same phase (comparable metrics).
-- `total_epochs`, `node_id` and `node_ip` (the Ray node running the trial), `pid` (its worker
-  process), `trial_key` (the trial's record name, see below), `resumed_from_epoch` (the epoch of
-  the checkpoint this run of the trial started from, 0 for a fresh start), `final`, `diverged`,
-  `trial_seconds` (since the trial function started: data, model and all epochs so far).
+- `total_epochs`, `node_id` (the Ray node running the trial; Tune itself adds its `node_ip` and
+  the worker's `pid`), `trial_key` (the trial's record name, see below), `resumed_from_epoch`
+  (the epoch of the checkpoint this run of the trial started from, 0 for a fresh start),
+  `final`, `diverged`, `trial_seconds` (since the trial function started: data, model and all
+  epochs so far).
 
 The last epoch is reported after the pipeline returns, together with the test accuracy and the
 `outcome` (val/test reports with per-class accuracy, class counts, diagnostics, config), so the
@@ -115,14 +116,13 @@ class EpochReporter:
 
     def __init__(self, total_epochs: int, runtime: TrialRuntime, node_id: str,
                  report: Callable[..., None], make_checkpoint: Callable[[Path], Any],
-                 trial_key: str = "", node_ip: str = "", resumed_from_epoch: int = 0,
+                 trial_key: str = "", resumed_from_epoch: int = 0,
                  backfill: list[dict[str, Any]] | None = None) -> None:
         self.total_epochs = total_epochs
         self.runtime = runtime
         self.node_id = node_id
-        # where this run of the trial is (node, process) and what it continues from
-        self.identity = {"trial_key": trial_key, "node_ip": node_ip, "pid": os.getpid(),
-                         "resumed_from_epoch": resumed_from_epoch}
+        # which trial this is and what this run of it continues from
+        self.identity = {"trial_key": trial_key, "resumed_from_epoch": resumed_from_epoch}
         self._report_fn = report
         self._backfill = backfill or None  # sent with the first report, then dropped
         self._make_checkpoint = make_checkpoint
@@ -237,8 +237,8 @@ def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> 
     reporter = EpochReporter(
         trial.total_epochs, runtime, ray.get_runtime_context().get_node_id(),
         report=tune.report, make_checkpoint=lambda p: tune.Checkpoint.from_directory(str(p)),
-        trial_key=trial_key, node_ip=ray.util.get_node_ip_address(),
-        resumed_from_epoch=resumed_from, backfill=[epoch_entry(m) for m in history],
+        trial_key=trial_key, resumed_from_epoch=resumed_from,
+        backfill=[epoch_entry(m) for m in history],
     )
     outcome = run_trial(trial, reporter.on_epoch, resume_state=resume, cache_dir=runtime.cache_dir)
     reporter.finish(outcome)

@@ -1,0 +1,459 @@
+"""Faults a long sweep meets, on real components: a trial's worker killed mid-trial, the driver
+killed (SIGKILL) or interrupted (SIGINT) mid-sweep and resumed, a trial whose loss diverges, the
+searcher's view of the study after a restart, and environments the sweep cannot use.
+
+After every fault the sweep must end with exactly --num-samples trials in Tune, in the Optuna
+study and in MLflow, none left RUNNING, each epoch logged once, and no trial that had ended
+trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from results.mlflow_logging import local_tracking_uri
+from search.optuna_search import KEY, StatusOptunaSearch
+from search.run import main
+from spaces import Sampler, fixed_settings, get_space
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = "tailtune"
+
+
+# ---------------------------------------------------------------- helpers
+def _env(marker: str = "") -> dict[str, str]:
+    # The marker is inherited by every process the driver starts (Ray's included): how the test
+    # tells them from other Ray processes on the machine.
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TAILTUNE_TEST_MARK": marker}
+
+
+def _command(storage: Path, name: str, *args: str) -> list[str]:
+    return [sys.executable, "search/run.py", "--storage", str(storage), "--name", name,
+            "--no-plots", *args]
+
+
+def _start(command: list[str], log: Path, marker: str) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(command, cwd=REPO, env=_env(marker), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(condition: Callable[[], object], proc: subprocess.Popen, log: Path,
+              timeout: float = 240) -> object:
+    """Poll `condition` until it returns something truthy; fail if the sweep ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended (exit {proc.returncode}) before the fault was "
+                        f"injected:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for the sweep:\n{log.read_text()[-3000:]}")
+
+
+def _records(storage: Path, name: str) -> dict[str, float]:
+    """Trial key -> modification time of its end record (written once, when the trial ends)."""
+    folder = storage / name / "trial_records"
+    return {p.stem: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+
+
+def _marked_processes(marker: str) -> list[str]:
+    """Live (not zombie) processes carrying the marker: what the driver started and left."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"TAILTUNE_TEST_MARK={marker}".encode() not in (proc / "environ").read_bytes():
+                continue
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            continue
+        if state != "Z":
+            found.append(f"{proc.name} {command}")
+    return found
+
+
+def _children(storage: Path) -> list:
+    client = MlflowClient(local_tracking_uri(storage))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], "tags.`tailtune.role` = 'trial'")
+
+
+def _steps(client: MlflowClient, run_id: str) -> list[tuple[int, float, int]]:
+    return sorted((m.step, m.value, m.timestamp)
+                  for m in client.get_metric_history(run_id, "val_all"))
+
+
+def _snapshot_mlflow(storage: Path) -> dict[str, tuple]:
+    """Trial key -> (status, end time, val_all history) of the runs that had ended."""
+    client = MlflowClient(local_tracking_uri(storage))
+    return {r.data.tags["tailtune.trial_id"]: (r.info.status, r.info.end_time,
+                                               _steps(client, r.info.run_id))
+            for r in _children(storage) if r.info.status == "FINISHED"}
+
+
+def _assert_exact(storage: Path, name: str, num_samples: int, epochs: int) -> set[str]:
+    """Exactly num_samples trials in Tune, Optuna and MLflow, all completed with every epoch
+    logged once; returns the trial keys."""
+    from ray.tune import ExperimentAnalysis
+
+    tune_trials = ExperimentAnalysis(str(storage / name / "tune")).trials
+    assert len(tune_trials) == num_samples
+    assert all(t.status == "TERMINATED" for t in tune_trials)
+    assert all(t.last_result["final"] and t.last_result["epoch"] == epochs for t in tune_trials)
+    keys = {t.config[KEY] for t in tune_trials}
+    assert len(keys) == num_samples
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage / name / 'optuna.db'}")
+    assert len(study.trials) == num_samples
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}  # none RUNNING
+    assert {t.user_attrs["tune_trial_id"] for t in study.trials} == keys
+
+    client = MlflowClient(local_tracking_uri(storage))
+    children = _children(storage)
+    assert len(children) == num_samples
+    assert {r.data.tags["tailtune.trial_id"] for r in children} == keys
+    for run in children:
+        assert (run.info.status, run.data.tags["tailtune.status"]) == ("FINISHED", "completed")
+        steps = [step for step, _, _ in _steps(client, run.info.run_id)]
+        assert steps == list(range(1, epochs + 1)), run.data.tags["tailtune.trial_id"]
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs([experiment.experiment_id], "tags.`tailtune.role` = 'sweep'")
+    assert [(p.info.status, p.data.tags["tailtune.status"]) for p in parents] == [
+        ("FINISHED", "completed")]
+    return keys
+
+
+def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: int = 12) -> dict:
+    """Start a sweep, send `sig` to its whole process group once a trial has ended, resume.
+    Returns what the test needs to check; prints the resume's cost."""
+    storage, name, marker = tmp_path / "runs", f"ft-{sig}", uuid.uuid4().hex
+    first_log = tmp_path / "first.log"
+    proc = _start(_command(storage, name, "--space", "ce", "--epochs", str(epochs),
+                           "--num-samples", str(samples), "--max-concurrent", "2",
+                           "--scheduler", "none", "--checkpoint-interval", "0"),
+                  first_log, marker)
+    try:
+        _wait_for(lambda: _records(storage, name), proc, first_log)
+        os.killpg(proc.pid, sig)
+        first_code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    leftovers = _marked_processes(marker)
+    deadline = time.monotonic() + 20  # workers notice their raylet's death within seconds
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leftovers = _marked_processes(marker)
+    before = {"records": _records(storage, name), "mlflow": _snapshot_mlflow(storage),
+              "statuses": sorted((r.info.status, r.data.tags["tailtune.status"])
+                                 for r in _children(storage))}
+    began = time.monotonic()
+    resumed = subprocess.run(_command(storage, name, "--resume"), cwd=REPO, env=_env(marker),
+                             capture_output=True, text=True, timeout=600)
+    seconds = time.monotonic() - began
+    _print_resume(storage, name, sig, seconds, before)
+    return {"storage": storage, "name": name, "first_code": first_code,
+            "first_out": first_log.read_text(), "leftovers": leftovers, "before": before,
+            "resumed": resumed, "samples": samples, "epochs": epochs}
+
+
+def _print_resume(storage: Path, name: str, sig: int, seconds: float, before: dict) -> None:
+    """What the resume cost and what it ran again (for the record, not asserted)."""
+    from ray.tune import ExperimentAnalysis
+
+    done = []
+    for trial in ExperimentAnalysis(str(storage / name / "tune")).trials:
+        key, last = trial.config.get(KEY), trial.last_result
+        if key in before["records"]:
+            done.append(f"{key} ended before: replayed")
+        else:
+            done.append(f"{key} trained epochs {last.get('resumed_from_epoch', 0) + 1}-"
+                        f"{last.get('epoch')}")
+    print(f"\nsignal {sig}: resume took {seconds:.1f} s; " + "; ".join(done))
+
+
+def _assert_resumed_without_loss(run: dict) -> None:
+    resumed = run["resumed"]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"Sweep {run['name']} completed" in resumed.stdout
+    storage, name = run["storage"], run["name"]
+    _assert_exact(storage, name, run["samples"], run["epochs"])
+    # No trial that had ended trained again: its record (rewritten by a trial that trains to
+    # its end) and its finished MLflow run (end time, every logged value) are untouched.
+    after_records = _records(storage, name)
+    for key, mtime in run["before"]["records"].items():
+        assert after_records[key] == mtime, f"trial {key} ran again"
+    after_mlflow = _snapshot_mlflow(storage)
+    for key, finished in run["before"]["mlflow"].items():
+        assert after_mlflow[key] == finished, f"the finished MLflow run of {key} changed"
+    assert run["before"]["records"], "no trial had ended before the fault"
+
+
+# ---------------------------------------------------------------- the searcher after restarts
+def _searcher(url: str, name: str) -> StatusOptunaSearch:
+    fixed = fixed_settings(get_space("ce"), "digits_lt")
+    return StatusOptunaSearch(Sampler("ce", fixed), metric="val_all", mode="max", seed=0,
+                              study_name=name, storage=optuna.storages.RDBStorage(url))
+
+
+def _final(value: float) -> dict:
+    return {"val_all": value, "epoch": 3, "final": True, "diverged": False}
+
+
+def test_restored_searcher_adopts_the_trials_its_snapshot_missed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = _searcher(url, "sweep")
+    configs = {tid: first.suggest(tid) for tid in ("t1", "t2")}
+    first.on_trial_complete("t1", _final(0.5))
+    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot of the searcher
+    configs["t3"] = first.suggest("t3")  # asked for after it, then the driver died ...
+    first.on_trial_complete("t2", _final(0.6))  # ... and t2 ended after it too
+
+    # The restored searcher (Tuner.restore: the pickled searcher, then its saved state).
+    restored = _searcher(url, "sweep")
+    restored.restore(str(tmp_path / "snapshot.pkl"))
+    adopted = restored.suggest("t4")  # Tune's next new trial takes over t3, not a new ask
+    assert adopted[KEY] == "t3" and adopted["trial"] == configs["t3"]["trial"]
+    restored.on_trial_complete("t2", _final(0.6))  # replayed end: not told twice
+    restored.on_trial_complete("t4", _final(0.7))
+    fresh = restored.suggest("t5")  # no orphan left: a new trial
+    assert fresh[KEY] == "t5"
+
+    study = optuna.load_study(study_name="sweep", storage=url)
+    assert [(t.user_attrs["tune_trial_id"], t.state.name, t.value) for t in study.trials] == [
+        ("t1", "COMPLETE", 0.5), ("t2", "COMPLETE", 0.6), ("t3", "COMPLETE", 0.7),
+        ("t5", "RUNNING", None)]
+
+
+def test_a_new_searcher_adopts_a_study_left_without_any_tune_state(tmp_path: Path) -> None:
+    """The driver died before Tune wrote its first snapshot: --resume starts a new Tuner."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = _searcher(url, "sweep")
+    asked = [first.suggest(tid) for tid in ("a", "b")]
+    first.on_trial_complete("a", _final(0.4))
+
+    again = _searcher(url, "sweep")
+    assert [again.suggest(tid)[KEY] for tid in ("x", "y", "z")] == ["a", "b", "z"]
+    assert again.suggest("x")["trial"] == asked[0]["trial"]
+    study = optuna.load_study(study_name="sweep", storage=url)
+    assert len(study.trials) == 3  # a, b and the one new trial z
+
+
+# ---------------------------------------------------------------- a trial's worker dies
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_from_its_checkpoint_in_the_same_run(tmp_path: Path) -> None:
+    storage, name, epochs = tmp_path / "runs", "worker-kill", 30
+    log = tmp_path / "sweep.log"
+    proc = _start(_command(storage, name, "--space", "ce", "--epochs", str(epochs),
+                           "--num-samples", "2", "--max-concurrent", "2", "--scheduler", "none",
+                           "--checkpoint-interval", "0", "--max-failures", "2"),
+                  log, uuid.uuid4().hex)
+
+    def checkpointed_trial() -> str | None:
+        """A trial with its second checkpoint (epoch 2) on the storage."""
+        for folder in (storage / name / "tune").glob("trial_*"):
+            index = [int(p.name.rsplit("_", 1)[1]) for p in folder.glob("checkpoint_*")]
+            if index and max(index) >= 1:
+                return folder.name.removeprefix("trial_")
+        return None
+
+    try:
+        key = _wait_for(checkpointed_trial, proc, log)
+        client = MlflowClient(local_tracking_uri(storage))
+        # the trial's MLflow run names the worker process running it
+        run = _wait_for(lambda: next((r for r in _children(storage)
+                                      if r.data.tags["tailtune.trial_id"] == key
+                                      and "tailtune.pid" in r.data.tags), None), proc, log)
+        assert client.get_run(run.info.run_id).info.status == "RUNNING"
+        victim = int(run.data.tags["tailtune.pid"])
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    keys = _assert_exact(storage, name, num_samples=2, epochs=epochs)
+    assert key in keys
+    from ray.tune import ExperimentAnalysis
+
+    trial = next(t for t in ExperimentAnalysis(str(storage / name / "tune")).trials
+                 if t.config[KEY] == key)
+    assert trial.num_failures == 1
+    # the retry started from a checkpoint (epoch 2 or later), in another process
+    assert trial.last_result["resumed_from_epoch"] >= 2 and trial.last_result["pid"] != victim
+    (child,) = [r for r in _children(storage) if r.data.tags["tailtune.trial_id"] == key]
+    assert child.info.run_id == run.info.run_id  # the same run continued, not a second one
+    assert child.data.tags["tailtune.retries"] == "1"
+    assert child.data.tags["tailtune.pid"] == str(trial.last_result["pid"])
+    assert "retrying from its last checkpoint" in log.read_text()
+
+
+# ---------------------------------------------------------------- the driver dies
+@pytest.mark.slow
+def test_a_sweep_killed_with_sigkill_resumes_to_exact_counts(tmp_path: Path) -> None:
+    run = _interrupt_and_resume(tmp_path, signal.SIGKILL)
+    assert run["first_code"] == -signal.SIGKILL
+    assert run["leftovers"] == []  # the local Ray the driver started died with it
+    _assert_resumed_without_loss(run)
+
+
+@pytest.mark.slow
+def test_a_sweep_interrupted_with_sigint_says_how_to_resume_and_resumes(tmp_path: Path) -> None:
+    run = _interrupt_and_resume(tmp_path, signal.SIGINT)
+    assert run["first_code"] == 1
+    last = run["first_out"].strip().splitlines()[-1]
+    assert last == (f"Sweep interrupted: continue it with: python search/run.py --resume "
+                    f"--name {run['name']} --storage {run['storage']}")
+    assert run["leftovers"] == []  # ray.shutdown() ended the local Ray
+    # While it waits for --resume, no run is left RUNNING: ended trials are final, the others
+    # interrupted (KILLED), to be continued.
+    assert set(run["before"]["statuses"]) <= {("FINISHED", "completed"),
+                                              ("KILLED", "interrupted")}
+    assert ("FINISHED", "completed") in run["before"]["statuses"]
+    _assert_resumed_without_loss(run)
+
+
+# ---------------------------------------------------------------- divergence
+# A space whose trials either train normally or blow up at once; with TPE seed 0 the three
+# trials draw stable, diverging, stable (checked), so the sweep must go on after the divergence.
+_DIVERGE_MODULE = "tailtune_test_diverge_space"
+
+
+def _diverging_space() -> types.ModuleType:
+    from spaces.core import Dimension, Space
+
+    def derive(params: dict, config: dict) -> None:
+        config["lr"] = 1e6 if params.get("regime") == "diverging" else 0.05
+
+    module = types.ModuleType(_DIVERGE_MODULE)
+    module.SPACE = Space(
+        name="diverge", method="ce", summary="stable or diverging learning rate",
+        dimensions=(Dimension("regime", "stage1", "lr 0.05 or 1e6",
+                              choices=("diverging", "stable"), derived=True),),
+        plans={"tiny": {"epochs": 4, "schedule": "constant", "warmup_epochs": 0}},
+        derive=derive,
+    )
+    return module
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_marked_failed_in_optuna_and_the_sweep_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import spaces
+
+    monkeypatch.setitem(sys.modules, _DIVERGE_MODULE, _diverging_space())
+    monkeypatch.setitem(spaces._MODULES, "diverge", _DIVERGE_MODULE)
+    storage, name = tmp_path / "runs", "diverge"
+    code = main(["--space", "diverge", "--num-samples", "3", "--max-concurrent", "1",
+                 "--scheduler", "none", "--storage", str(storage), "--name", name,
+                 "--no-plots"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage / name / 'optuna.db'}")
+    regimes = [(t.params["regime"], t.state.name, t.user_attrs["tailtune_status"])
+               for t in sorted(study.trials, key=lambda t: t.number)]
+    assert regimes == [("stable", "COMPLETE", "completed"), ("diverging", "FAIL", "diverged"),
+                       ("stable", "COMPLETE", "completed")]
+    diverged_key = sorted(study.trials, key=lambda t: t.number)[1].user_attrs["tune_trial_id"]
+
+    client = MlflowClient(local_tracking_uri(storage))
+    children = {r.data.tags["tailtune.trial_id"]: r for r in _children(storage)}
+    assert len(children) == 3
+    diverged = children.pop(diverged_key)
+    assert diverged.data.tags["tailtune.status"] == "diverged"
+    assert diverged.info.status == "FINISHED"
+    steps = [s for s, _, _ in _steps(client, diverged.info.run_id)]
+    assert steps and steps[-1] < 4  # stopped at the divergence, its CPU given back
+    for run in children.values():  # trials after it still ran to their end
+        assert run.data.tags["tailtune.status"] == "completed"
+        assert [s for s, _, _ in _steps(client, run.info.run_id)] == [1, 2, 3, 4]
+    assert re.search(rf"trial {diverged_key} diverged", out)
+    record = json.loads((storage / name / "trial_records" / f"{diverged_key}.json").read_text())
+    assert record["status"] == "diverged"
+
+
+# ---------------------------------------------------------------- bad environments
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bad_environments(tmp_path: Path) -> list[tuple[list[str], str]]:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    port = _free_port()  # nothing listens there
+    return [
+        (["--storage", str(a_file / "runs")],
+         f"--storage {a_file / 'runs'} cannot be created: {a_file} is not a folder"),
+        (["--mlflow-uri", f"http://127.0.0.1:{port}"],
+         f"--mlflow-uri http://127.0.0.1:{port}: no MLflow server answers there "
+         "(connection refused)"),
+        (["--mlflow-uri", str(tmp_path / "mlruns")],
+         "is a file store, which MLflow 3.13+ refuses"),
+        (["--mlflow-uri", f"sqlite:///{a_file}/mlflow.db"],
+         f"--mlflow-uri sqlite:///{a_file}/mlflow.db cannot be created: {a_file} is not a "
+         "folder"),
+        (["--address", f"127.0.0.1:{port}"],
+         f"--address 127.0.0.1:{port}: no Ray cluster answers at 127.0.0.1:{port} "
+         "(connection refused)"),
+        (["--address", "head-without-port"], "--address head-without-port is not a Ray address"),
+    ]
+
+
+def test_environments_the_sweep_cannot_use_are_refused_up_front(tmp_path: Path,
+                                                                capsys) -> None:
+    for extra, message in _bad_environments(tmp_path):
+        storage = tmp_path / "runs"
+        args = ["--space", "ce", "--storage", str(storage), *extra]
+        try:
+            code = main(args)
+        except SystemExit as exc:
+            code = exc.code
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code == 2, (extra, captured.err)
+        assert len(lines) == 1 and lines[0].startswith("search/run.py: error: "), captured.err
+        assert message in lines[0], (message, lines[0])
+        assert captured.out == ""
+        assert not storage.exists()  # nothing written: no results folder, no MLflow store
+
+
+def test_a_local_ray_gets_token_authentication_without_touching_home() -> None:
+    from search.cluster import local_auth_settings
+
+    home_token = (Path.home() / ".ray" / "auth_token").exists()
+    settings = local_auth_settings({})
+    assert settings["RAY_AUTH_MODE"] == "token"
+    # a token of its own for this run, unless the user has one in ~/.ray
+    assert ("RAY_AUTH_TOKEN" in settings) is not home_token
+    if not home_token:
+        assert re.fullmatch(r"[0-9a-f]{64}", settings["RAY_AUTH_TOKEN"])
+        assert local_auth_settings({})["RAY_AUTH_TOKEN"] != settings["RAY_AUTH_TOKEN"]
+    # what the user set is kept as it is
+    assert local_auth_settings({"RAY_AUTH_MODE": "disabled"}) == {}
+    assert local_auth_settings({"RAY_AUTH_TOKEN_PATH": "/secret"}) == {"RAY_AUTH_MODE": "token"}
