@@ -40,7 +40,7 @@ import pandas as pd  # noqa: E402
 GROUPS = ("all", "many", "medium", "few")
 METRICS = tuple(f"{split}_{group}" for split in ("val", "test") for group in GROUPS)
 # Ranking order of trial statuses: finished trials first (their numbers are comparable).
-STATUS_ORDER = ("completed", "diverged", "stopped_early", "running", "failed")
+STATUS_ORDER = ("completed", "diverged", "stopped_early", "interrupted", "running", "failed")
 DEFAULT_STATUSES = ("completed", "diverged")
 FORMATS = ("table", "csv", "markdown", "html")
 GROUP_BY = ("sweep", "space")

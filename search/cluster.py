@@ -132,8 +132,8 @@ def _refusal(address: str, head: str, exc: BaseException) -> str:
     while seen is not None and len(chain) < 10:
         chain.append(str(seen))
         seen = seen.__cause__ or seen.__context__
-    text = " ".join(chain)
-    if "InvalidAuthToken" in text or "uthentication" in text:
+    text = " ".join(chain).lower()
+    if "invalidauthtoken" in text or "authentication" in text:
         return (f"--address {address}: the Ray cluster at {head} refused this driver's "
                 "authentication token; accepted: RAY_AUTH_MODE=token with the cluster's token "
                 "in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (see docs/cluster.md)")

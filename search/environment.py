@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 
 PROBE_TIMEOUT_S = 5.0
-TRACKING_SCHEMES = "http(s)://HOST:PORT of an `mlflow server`, sqlite:///ABSOLUTE/PATH.db, " \
-                   "or a database URI (postgresql://, mysql://)"
+TRACKING_SCHEMES = ("http(s)://HOST:PORT of an `mlflow server`, sqlite:///ABSOLUTE/PATH.db, "
+                    "or a database URI (postgresql://, mysql://)")
 
 
 class SetupError(ValueError):
