@@ -9,6 +9,7 @@ returns the full training state, which `run_trial(..., resume_state=...)` contin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -320,6 +321,10 @@ class TrialRunner:
         def project() -> None:
             maxnorm_project_(classifier, radius)
 
+        def project_after_epoch() -> dict[str, Any]:  # the authors' code: once per epoch
+            project()
+            return {}
+
         return PhaseSpec(
             name="classifier",
             epochs=cfg.cls_epochs,
@@ -332,7 +337,7 @@ class TrialRunner:
             loss_fn=loss_fn,
             features_frozen=True,
             after_step=project if cfg.maxnorm == "step" else None,
-            after_epoch=(lambda: (project(), {})[1]) if cfg.maxnorm == "epoch" else None,
+            after_epoch=project_after_epoch if cfg.maxnorm == "epoch" else None,
         )
 
     # ---------------------------------------------------------------- shared epoch loop
@@ -362,7 +367,7 @@ class TrialRunner:
             start = resume["phase_epoch"]
         offset = sum(epochs for _, epochs in self.plan[:index])
         for epoch in range(start, spec.epochs):
-            epoch_started = _now()
+            epoch_started = time.perf_counter()
             if spec.before_epoch is not None:
                 spec.before_epoch(epoch)
             # frozen features: eval mode keeps BN statistics untouched
@@ -381,7 +386,7 @@ class TrialRunner:
                 spec.name, offset + epoch + 1, epoch + 1, stats, lr, extra
             )
             # everything the epoch cost: centroid passes and diagnostics included
-            metrics["epoch_seconds"] = _now() - epoch_started
+            metrics["epoch_seconds"] = time.perf_counter() - epoch_started
             self.history.append(metrics)
             if self.on_epoch is not None:
                 self.on_epoch(
@@ -501,12 +506,6 @@ def _ncm_from_history(history: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     last = rows[-1]
     return {key: last[f"ncm_{key}"] for key in ("all", "many", "medium", "few")}
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
 
 
 def run_trial(
