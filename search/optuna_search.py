@@ -59,8 +59,10 @@ class StatusOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         if self._orphans is None:
             self._orphans = self._reconcile()
-        if trial_id not in self._ot_trials and self._orphans:
-            return self._adopt(trial_id, self._orphans.pop(0))
+        while trial_id not in self._ot_trials and self._orphans:
+            config = self._adopt(trial_id, self._orphans.pop(0))
+            if config is not None:
+                return config
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if config is None or ot_trial is None:
@@ -85,14 +87,29 @@ class StatusOptunaSearch(OptunaSearch):
                      len(orphans))
         return sorted(orphans, key=lambda t: t.number)
 
-    def _adopt(self, trial_id: str, frozen: FrozenTrial) -> dict:
+    def _adopt(self, trial_id: str, frozen: FrozenTrial) -> dict | None:
         """Tune's new trial `trial_id` continues the study trial `frozen`: same parameters
-        (the space replayed on them), same key, same Optuna trial."""
-        self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+        (the space replayed on them), same key, same Optuna trial.
+
+        A driver killed while it was asking leaves a RUNNING trial with only some of its
+        parameters written: replaying the space on the live trial returns the stored values and
+        samples the rest. A finished trial cannot take new parameters; one without all of them
+        never ran, so it is left alone (None)."""
+        ot_trial = optuna.trial.Trial(self._ot_study, frozen._trial_id)
         if frozen.state.is_finished():
+            try:
+                params = self._suggest_from_define_by_run_func(
+                    self._space, FixedTrial(frozen.params))
+            except ValueError as exc:
+                log.warning("not adopting finished study trial %d: %s", frozen.number, exc)
+                return None
             self._completed_trials.add(trial_id)
-        params = self._suggest_from_define_by_run_func(self._space, FixedTrial(frozen.params))
+        else:
+            params = self._suggest_from_define_by_run_func(self._space, ot_trial)
+        self._ot_trials[trial_id] = ot_trial
         key = frozen.user_attrs.get("tune_trial_id") or trial_id
+        if "tune_trial_id" not in frozen.user_attrs:
+            ot_trial.set_user_attr("tune_trial_id", key)
         return {**unflatten_dict(params), KEY: key}
 
     # ---------------------------------------------------------------- telling

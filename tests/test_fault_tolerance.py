@@ -259,6 +259,35 @@ def test_a_new_searcher_adopts_a_study_left_without_any_tune_state(tmp_path: Pat
     assert len(study.trials) == 3  # a, b and the one new trial z
 
 
+def test_a_trial_half_asked_when_the_driver_died_is_adopted_and_completed(
+        tmp_path: Path) -> None:
+    """SIGKILL between the study's ask and the last parameter write leaves a RUNNING trial
+    with only some parameters (and no key): --resume adopts it and samples the rest."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = _searcher(url, "sweep")
+    whole = first.suggest("a")
+    first.on_trial_complete("a", _final(0.4))
+    study = optuna.load_study(study_name="sweep", storage=url)
+    half = study.ask()  # the killed driver's ask: one parameter of the space written
+    name, value = next(iter(study.trials[0].params.items()))
+    dist = study.trials[0].distributions[name]
+    study._storage.set_trial_param(half._trial_id, name, dist.to_internal_repr(value), dist)
+    assert len(study.trials[0].params) > 1, "the space needs two parameters for this test"
+
+    again = _searcher(url, "sweep")  # no Tune state: every study trial is adopted in order
+    assert again.suggest("x") == whole
+    assert again.suggest("y")[KEY] == "y"  # the half-asked trial, keyed by its new Tune trial
+    frozen = optuna.load_study(study_name="sweep", storage=url).trials[1]
+    assert frozen.params[name] == value
+    assert set(frozen.params) == set(study.trials[0].params)  # the rest sampled
+    assert frozen.user_attrs["tune_trial_id"] == "y"
+    assert again.suggest("z")[KEY] == "z"
+    again.on_trial_complete("y", _final(0.5))
+    states = [(t.state.name, t.value) for t in
+              optuna.load_study(study_name="sweep", storage=url).trials]
+    assert states == [("COMPLETE", 0.4), ("COMPLETE", 0.5), ("RUNNING", None)]
+
+
 # ---------------------------------------------------------------- a trial's worker dies
 @pytest.mark.slow
 def test_a_killed_worker_is_retried_from_its_checkpoint_in_the_same_run(tmp_path: Path) -> None:
