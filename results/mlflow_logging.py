@@ -115,14 +115,16 @@ class SweepRecorder:
         if found:
             self.parent_id = found[0].info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")
+            self.client.set_tag(self.parent_id, STATUS, "running")
+            if params and not found[0].data.params:  # a driver killed right after creating it
+                self.client.log_batch(self.parent_id, params=_params(params))
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=self.sweep_name,
-                tags={**self.tags, ROLE: "sweep", SWEEP: self.sweep_name},
+                tags={**self.tags, ROLE: "sweep", SWEEP: self.sweep_name, STATUS: "running"},
             )
             self.parent_id = run.info.run_id
             self.client.log_batch(self.parent_id, params=_params(params))
-        self.client.set_tag(self.parent_id, STATUS, "running")
         return self.parent_id
 
     def finish(self, status: str, summary: Mapping[str, float] | None = None) -> None:
@@ -161,20 +163,23 @@ class SweepRecorder:
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, STATUS, "running")
+            if config and not found[0].data.params:  # a driver killed right after creating it
+                self.client.log_batch(run_id, params=_params(config))
             history = self.client.get_metric_history(run_id, "val_all")
             self._logged_step[trial_id] = max((m.step for m in history), default=0)
             for key, value in extra.items():
                 self.client.set_tag(run_id, key, value)
         else:
+            # Every tag in the one create call, so a kill cannot leave a run without its status.
             run = self.client.create_run(
                 self.experiment_id, run_name=trial_id,
                 tags={**self.tags, **extra, ROLE: "trial", SWEEP: self.sweep_name,
-                      TRIAL_ID: trial_id, PARENT: self.parent_id},
+                      TRIAL_ID: trial_id, PARENT: self.parent_id, STATUS: "running"},
             )
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=_params(config))
             self._logged_step[trial_id] = 0
-        self.client.set_tag(run_id, STATUS, "running")
         self._children[trial_id] = run_id
         return run_id
 

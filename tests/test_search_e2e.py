@@ -168,6 +168,31 @@ def test_mlflow_records_survive_a_driver_restart_without_duplicates(tmp_path: Pa
     assert (tmp_path / "mlartifacts").is_dir() and not (Path.cwd() / "mlruns").exists()
 
 
+def test_a_run_created_just_before_the_driver_died_is_completed_on_resume(
+        tmp_path: Path) -> None:
+    """SIGKILL between creating a run and logging its params: the resumed driver finds the bare
+    run, gives it its params, and never leaves a run without its status tag."""
+    uri = local_tracking_uri(tmp_path)
+    config = TrialConfig.from_dict({**TINY, "method": "ce"}).to_dict()
+    first = SweepRecorder(uri, "exp", "sweep-k", {"space": "ce"})
+    first.start({"num_samples": 1})
+    run_id = first.trial_run("t1", config)
+    client = MlflowClient(uri)
+    made = client.get_run(run_id)
+    assert made.data.tags["tailtune.status"] == "running"  # set in the same call that made it
+    # What a kill between create_run and log_batch leaves: a run with its identity tags only.
+    identity = {k: v for k, v in made.data.tags.items()
+                if k in ("tailtune.role", "tailtune.sweep", "mlflow.parentRunId")}
+    bare = client.create_run(made.info.experiment_id, run_name="t2",
+                             tags={**identity, "tailtune.trial_id": "t2"})
+    second = SweepRecorder(uri, "exp", "sweep-k", {"space": "ce"})
+    second.start({"num_samples": 1})
+    assert second.trial_run("t2", config) == bare.info.run_id
+    resumed = client.get_run(bare.info.run_id)
+    assert resumed.data.params["method"] == "ce" and len(resumed.data.params) == len(config)
+    assert resumed.data.tags["tailtune.status"] == "running"
+
+
 # ---------------------------------------------------------------- failed and diverged trials
 LR_SPLIT = 0.03  # the trainable below fails below this learning rate and diverges above
 
