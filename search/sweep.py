@@ -142,6 +142,16 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def has_tune_snapshot(tune_dir: Path) -> bool:
+    """Whether Tune saved an experiment state to restore. Tuner.can_restore looks only for
+    tuner.pkl, written before the first snapshot: restored from it alone, Tune fails to load
+    the state and runs a single trial, so a driver killed in that window starts a new Tuner."""
+    from ray import tune
+
+    return (tune.Tuner.can_restore(str(tune_dir))
+            and any(tune_dir.glob("experiment_state-*.json")))
+
+
 def build_tuner(plan: SweepPlan, resources: Any) -> Any:
     """A new Tuner, or the restored one for --resume."""
     import optuna
@@ -160,7 +170,7 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
     trainable = tune.with_resources(tune.with_parameters(train_trial, runtime=runtime),
                                     {"cpu": resources.cpus, "gpu": resources.gpus})
     tune_dir = plan.sweep_dir / TUNE_FOLDER
-    if options.resume and tune.Tuner.can_restore(str(tune_dir)):
+    if options.resume and has_tune_snapshot(tune_dir):
         # Failed trials stay failed (their records say so); unfinished ones continue.
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)

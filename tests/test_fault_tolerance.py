@@ -142,9 +142,11 @@ def _assert_exact(storage: Path, name: str, num_samples: int, epochs: int) -> se
     return keys
 
 
-def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: int = 12) -> dict:
-    """Start a sweep, send `sig` to its whole process group once a trial has ended, resume.
-    Returns what the test needs to check; prints the resume's cost."""
+def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: int = 12,
+                          when: Callable[[Path, str], object] | None = None) -> dict:
+    """Start a sweep, send `sig` to its whole process group once `when(storage, name)` holds
+    (default: a trial has ended), resume. Returns what the test needs to check; prints the
+    resume's cost."""
     storage, name, marker = tmp_path / "runs", f"ft-{sig}", uuid.uuid4().hex
     first_log = tmp_path / "first.log"
     proc = _start(_command(storage, name, "--space", "ce", "--epochs", str(epochs),
@@ -152,7 +154,7 @@ def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: in
                            "--scheduler", "none", "--checkpoint-interval", "0"),
                   first_log, marker)
     try:
-        _wait_for(lambda: _records(storage, name), proc, first_log)
+        _wait_for(lambda: (when or _records)(storage, name), proc, first_log)
         os.killpg(proc.pid, sig)
         first_code = proc.wait(timeout=120)
     finally:
@@ -192,7 +194,7 @@ def _print_resume(storage: Path, name: str, sig: int, seconds: float, before: di
     print(f"\nsignal {sig}: resume took {seconds:.1f} s; " + "; ".join(done))
 
 
-def _assert_resumed_without_loss(run: dict) -> None:
+def _assert_resumed_without_loss(run: dict, ended_before: bool = True) -> None:
     resumed = run["resumed"]
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"Sweep {run['name']} completed" in resumed.stdout
@@ -206,7 +208,8 @@ def _assert_resumed_without_loss(run: dict) -> None:
     after_mlflow = _snapshot_mlflow(storage)
     for key, finished in run["before"]["mlflow"].items():
         assert after_mlflow[key] == finished, f"the finished MLflow run of {key} changed"
-    assert run["before"]["records"], "no trial had ended before the fault"
+    if ended_before:
+        assert run["before"]["records"], "no trial had ended before the fault"
 
 
 # ---------------------------------------------------------------- the searcher after restarts
@@ -345,6 +348,23 @@ def test_a_sweep_killed_with_sigkill_resumes_to_exact_counts(tmp_path: Path) -> 
     assert run["first_code"] == -signal.SIGKILL
     assert run["leftovers"] == []  # the local Ray the driver started died with it
     _assert_resumed_without_loss(run)
+
+
+def _tune_started_without_snapshot(storage: Path, name: str) -> bool:
+    tune_dir = storage / name / "tune"
+    return (tune_dir / "tuner.pkl").exists() and not any(tune_dir.glob("experiment_state-*"))
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_before_tunes_first_snapshot_resumes_to_exact_counts(
+        tmp_path: Path) -> None:
+    """Tune writes tuner.pkl before its first experiment state: restored from that alone it
+    would run one trial; --resume must start a new Tuner on the same study and runs."""
+    run = _interrupt_and_resume(tmp_path, signal.SIGKILL, samples=3, epochs=4,
+                                when=_tune_started_without_snapshot)
+    assert run["first_code"] == -signal.SIGKILL
+    assert run["before"]["records"] == {}  # killed before any trial ended
+    _assert_resumed_without_loss(run, ended_before=False)
 
 
 @pytest.mark.slow
