@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -63,7 +64,10 @@ class SweepOptions:
         return Path(self.storage) / str(self.name)
 
     def save(self) -> None:
-        (self.sweep_dir / SWEEP_FILE).write_text(json.dumps(asdict(self), indent=2))
+        # Atomic: a driver killed mid-write must not leave a sweep --resume cannot read.
+        partial = self.sweep_dir / f".{SWEEP_FILE}.partial"  # ignored by _holds_a_sweep
+        partial.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(partial, self.sweep_dir / SWEEP_FILE)
 
 
 def resume_hint(options: SweepOptions) -> str:
@@ -184,9 +188,14 @@ def validate(options: SweepOptions) -> None:
     if not NAME_PATTERN.match(options.name):
         raise UsageError(f"--name {options.name!r} is not a valid sweep name; accepted: letters, "
                          "digits, '.', '_', '-' (up to 100, starting with a letter or digit)")
-    if options.sweep_dir.exists():
+    if _holds_a_sweep(options.sweep_dir):
         raise UsageError(f"sweep {options.name!r} already exists in {options.storage}; "
                          "accepted: a new --name, or --resume to continue it")
+
+
+def _holds_a_sweep(folder: Path) -> bool:
+    """Anything in the folder but a sweep.json a killed driver left half-written (see save)."""
+    return folder.exists() and any(not p.name.endswith(".partial") for p in folder.iterdir())
 
 
 def _resume_options(values: dict[str, Any], argv: list[str]) -> SweepOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from search.cluster import fit_resources
-from search.options import SweepOptions, UsageError
+from search.options import SweepOptions, UsageError, parse_options
 from search.run import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,12 +69,28 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(argv, message, tmp_pat
 def test_existing_sweep_name_is_refused_without_touching_the_results(tmp_path, capsys) -> None:
     storage = tmp_path / "runs"
     (storage / "taken").mkdir(parents=True)
+    (storage / "taken" / "optuna.db").write_bytes(b"")
     before = sorted(p.name for p in storage.rglob("*"))
     code, _, err = _run_main(["--space", "ce", "--name", "taken", "--storage", str(storage)],
                              capsys)
     assert code == 2
     assert "sweep 'taken' already exists" in err and "--resume" in err
     assert sorted(p.name for p in storage.rglob("*")) == before
+
+
+def test_a_name_left_by_a_driver_killed_while_saving_its_options_is_free(tmp_path) -> None:
+    """Killed between creating the sweep folder and saving sweep.json: there is nothing to
+    resume, so the name may be used again (and --resume says there is no sweep)."""
+    storage = tmp_path / "runs"
+    (storage / "half").mkdir(parents=True)
+    (storage / "half" / ".sweep.json.partial").write_text('{"space": "c')
+    options, _ = parse_options(["--space", "ce", "--name", "half", "--storage", str(storage)])
+    assert options.name == "half"
+    with pytest.raises(UsageError, match="no sweep 'half' to resume"):
+        parse_options(["--resume", "--name", "half", "--storage", str(storage)])
+    options.save()
+    assert SweepOptions(**json.loads((storage / "half" / "sweep.json").read_text())) == options
+    assert sorted(p.name for p in (storage / "half").iterdir()) == ["sweep.json"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="needs a machine without a GPU")
