@@ -57,7 +57,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from trainables.evaluation import FEW_THRESHOLD, MANY_THRESHOLD
@@ -112,19 +112,9 @@ class SweepRecorder:
         """Find (on resume) or create the parent run; returns its id."""
         self.experiment_id = self._experiment_id()
         found = self._search(f"tags.`{ROLE}` = 'sweep' AND tags.`{SWEEP}` = '{self.sweep_name}'")
-        if found:
-            self.parent_id = found[0].info.run_id
-            self.client.update_run(self.parent_id, status="RUNNING")
-            self.client.set_tag(self.parent_id, STATUS, "running")
-            if params and not found[0].data.params:  # a driver killed right after creating it
-                self.client.log_batch(self.parent_id, params=_params(params))
-        else:
-            run = self.client.create_run(
-                self.experiment_id, run_name=self.sweep_name,
-                tags={**self.tags, ROLE: "sweep", SWEEP: self.sweep_name, STATUS: "running"},
-            )
-            self.parent_id = run.info.run_id
-            self.client.log_batch(self.parent_id, params=_params(params))
+        self.parent_id = self._open_run(
+            found, self.sweep_name, {**self.tags, ROLE: "sweep", SWEEP: self.sweep_name}, {},
+            params)
         return self.parent_id
 
     def finish(self, status: str, summary: Mapping[str, float] | None = None) -> None:
@@ -160,27 +150,29 @@ class SweepRecorder:
             self._children[trial_id] = found[0].info.run_id
             self._ended.add(trial_id)
             return found[0].info.run_id
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, STATUS, "running")
-            if config and not found[0].data.params:  # a driver killed right after creating it
-                self.client.log_batch(run_id, params=_params(config))
-            history = self.client.get_metric_history(run_id, "val_all")
-            self._logged_step[trial_id] = max((m.step for m in history), default=0)
-            for key, value in extra.items():
-                self.client.set_tag(run_id, key, value)
-        else:
-            # Every tag in the one create call, so a kill cannot leave a run without its status.
-            run = self.client.create_run(
-                self.experiment_id, run_name=trial_id,
-                tags={**self.tags, **extra, ROLE: "trial", SWEEP: self.sweep_name,
-                      TRIAL_ID: trial_id, PARENT: self.parent_id, STATUS: "running"},
-            )
-            run_id = run.info.run_id
-            self.client.log_batch(run_id, params=_params(config))
-            self._logged_step[trial_id] = 0
+        run_id = self._open_run(
+            found, trial_id, {**self.tags, **extra, ROLE: "trial", SWEEP: self.sweep_name,
+                              TRIAL_ID: trial_id, PARENT: self.parent_id}, extra, config)
+        history = self.client.get_metric_history(run_id, "val_all") if found else []
+        self._logged_step[trial_id] = max((m.step for m in history), default=0)
         self._children[trial_id] = run_id
+        return run_id
+
+    def _open_run(self, found: list[Any], run_name: str, tags: Mapping[str, str],
+                  reopen_tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
+        """Reopen the run found (resume, retry) or create it, marked running. A new run gets
+        every tag in its create call, so a kill cannot leave it without its status; a found run
+        that a killed driver created but never gave params gets them now."""
+        if not found:
+            run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                         tags={**tags, STATUS: "running"})
+            self.client.log_batch(run.info.run_id, params=_params(params))
+            return run.info.run_id
+        run_id = found[0].info.run_id
+        self.client.update_run(run_id, status="RUNNING")
+        missing = _params(params) if params and not found[0].data.params else []
+        self.client.log_batch(run_id, params=missing, tags=[
+            RunTag(key, str(value)) for key, value in {**reopen_tags, STATUS: "running"}.items()])
         return run_id
 
     def finish_from_record(self, trial_id: str, record: Mapping[str, Any]) -> str | None:

@@ -169,7 +169,7 @@ def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: in
         time.sleep(0.5)
         leftovers = _marked_processes(marker)
     before = {"records": _records(storage, name), "mlflow": _snapshot_mlflow(storage),
-              "tune_snapshot": any((storage / name / "tune").glob("experiment_state-*")),
+              "tune_snapshot": _has_experiment_state(storage / name / "tune"),
               "statuses": sorted((r.info.status, r.data.tags["tailtune.status"])
                                  for r in _children(storage))}
     began = time.monotonic()
@@ -353,9 +353,13 @@ def test_a_sweep_killed_with_sigkill_resumes_to_exact_counts(tmp_path: Path) -> 
     _assert_resumed_without_loss(run)
 
 
+def _has_experiment_state(tune_dir: Path) -> bool:
+    return any(tune_dir.glob("experiment_state-*"))
+
+
 def _tune_started_without_snapshot(storage: Path, name: str) -> bool:
     tune_dir = storage / name / "tune"
-    return (tune_dir / "tuner.pkl").exists() and not any(tune_dir.glob("experiment_state-*"))
+    return (tune_dir / "tuner.pkl").exists() and not _has_experiment_state(tune_dir)
 
 
 @pytest.mark.slow
