@@ -17,6 +17,7 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, TRIAL_ID
 
 from search.optuna_search import KEY
+from search.trials import own_result, trial_key
 from trainables.tune import BACKFILL, read_record, trial_status, write_record
 
 log = logging.getLogger(__name__)
@@ -25,11 +26,6 @@ log = logging.getLogger(__name__)
 PLACEMENT = ("node_id", "node_ip", "pid")
 # What Tune adds to a trial's results: not part of the trial's own record.
 TUNE_KEYS = frozenset({*AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, TRIAL_ID})
-
-
-def trial_key(trial: Any) -> str:
-    """The name of a trial's records: its Tune id, or the id of the trial it adopted."""
-    return str((trial.config or {}).get(KEY) or trial.trial_id)
 
 
 class MlflowSweepCallback(Callback):
@@ -119,7 +115,7 @@ class MlflowSweepCallback(Callback):
 
     def _finish(self, trial: Any, error: bool) -> None:
         key = self._run(trial)
-        last = trial.last_result or {}
+        last = own_result(trial)
         status = trial_status(last, error)
         message = _error_text(trial) if error else None
         if self.records_dir is not None and read_record(self.records_dir, key) is None:
@@ -190,7 +186,7 @@ class ProgressCallback(Callback):
         self._counted_restored = True  # a resumed sweep counts the trials that ended before
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
-                last = trial.last_result or {}
+                last = own_result(trial)
                 self._ended[trial_key(trial)] = trial_status(last, trial.status == "ERROR")
                 self._note_best(self._ended[trial_key(trial)], last.get("val_all"))
 
@@ -209,7 +205,7 @@ class ProgressCallback(Callback):
              f"running, best completed val_all {best}")
 
     def _ended_line(self, trial: Any, error: bool) -> None:
-        last = trial.last_result or {}
+        last = own_result(trial)
         status = trial_status(last, error)
         key = trial_key(trial)
         self._ended[key] = status

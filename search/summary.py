@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from search.optuna_search import KEY
+from search.trials import grid_trials, own_result, trial_key
 from trainables.tune import trial_status
 
 STATUS_ORDER = ("completed", "stopped_early", "unfinished", "diverged", "failed")
@@ -40,18 +42,12 @@ def rows_from_results(results: Any, interrupted: bool = False,
     trial as ended). Trials not ended are "unfinished" when the sweep was interrupted
     (--resume goes on with them), else "stopped_early" (the time budget ended them)."""
     rows = []
-    # ResultGrid keeps no trial state; its analysis does (same order as the results).
-    analysis = getattr(results, "_experiment_analysis", None)
-    states = [t.status for t in analysis.trials] if analysis is not None else []
-    for index, result in enumerate(results):
-        metrics = result.metrics or {}
-        config = result.config or {}
-        # the key names the trial's MLflow run (the Tune id unless it adopted another's)
-        key = str(config.get("trial_key") or metrics.get("trial_id") or _trial_id(result))
-        status = trial_status(metrics, result.error is not None)
+    for trial in grid_trials(results):
+        key, metrics = trial_key(trial), own_result(trial)
+        status = trial_status(metrics, trial.status == "ERROR")
         if records is not None and key in records:
             status, metrics = records[key]["status"], records[key]["result"]
-        elif records is not None or (index < len(states) and states[index] not in ENDED):
+        elif records is not None or trial.status not in ENDED:
             status = "unfinished" if interrupted else "stopped_early"
         rows.append(TrialRow(
             trial_id=key,
@@ -60,7 +56,7 @@ def rows_from_results(results: Any, interrupted: bool = False,
             total_epochs=int(metrics.get("total_epochs") or 0),
             val={g: metrics.get(f"val_{g}") for g in GROUPS},
             test={g: metrics.get(f"test_{g}") for g in GROUPS},
-            params={k: v for k, v in config.items() if k not in ("trial", "trial_key")},
+            params={k: v for k, v in (trial.config or {}).items() if k not in ("trial", KEY)},
         ))
     return rank(rows)
 
@@ -123,7 +119,3 @@ def _value(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _trial_id(result: Any) -> str:
-    return str(getattr(result, "path", "?")).rsplit("_", 1)[-1]

@@ -93,13 +93,6 @@ class SweepPlan:
                 "results_dir": str(self.sweep_dir / TUNE_FOLDER)}
 
 
-def _key(result: Any) -> str:
-    from search.optuna_search import KEY
-
-    config = result.config or {}
-    return str(config.get(KEY) or (result.metrics or {}).get("trial_id"))
-
-
 @dataclass
 class SweepOutcome:
     status: str  # completed | interrupted | failed
@@ -278,6 +271,7 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
     import optuna
 
     from search.summary import STATUS_ORDER, best_completed, rows_from_results
+    from search.trials import grid_trials, trial_key
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter
@@ -292,8 +286,8 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
         # Not Tune's trial states: an interrupted Tune run reports its running trials as
         # terminated. A trial has ended when its end record says so.
         ended = plan.end_records()
-        all_ended = (len(results) == options.num_samples
-                     and all(_key(result) in ended for result in results))
+        keys = [trial_key(trial) for trial in grid_trials(results)]
+        all_ended = len(keys) == options.num_samples and all(key in ended for key in keys)
         budget_spent = (options.time_budget is not None
                         and time.monotonic() - started >= options.time_budget)
         status = "completed" if all_ended or budget_spent else "interrupted"
@@ -324,15 +318,16 @@ def _close_trials(plan: SweepPlan, recorder: Any, results: Any, over: bool) -> N
     budget: they get a stopped_early record first."""
     from search.callbacks import TUNE_KEYS, log_trial_plots
     from search.optuna_search import close_from_records, close_unfinished
+    from search.trials import grid_trials, own_result, trial_key
     from trainables.tune import write_record
 
     name = str(plan.options.name)
     if over:
         ended = plan.end_records()
-        for result in results:
-            if _key(result) not in ended:
-                last = {k: v for k, v in (result.metrics or {}).items() if k not in TUNE_KEYS}
-                write_record(plan.records_dir, _key(result), "stopped_early", last)
+        for trial in grid_trials(results):
+            if trial_key(trial) not in ended:
+                last = {k: v for k, v in own_result(trial).items() if k not in TUNE_KEYS}
+                write_record(plan.records_dir, trial_key(trial), "stopped_early", last)
     records = plan.end_records()
     open_runs = {run.data.tags.get("tailtune.trial_id") for run in recorder.child_runs()
                  if run.info.status not in ("FINISHED", "FAILED")}
