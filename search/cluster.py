@@ -82,6 +82,9 @@ def connect(address: str | None) -> dict[str, float]:
     if ray.is_initialized():
         return dict(ray.cluster_resources())
     if address is None:
+        # A signal to the whole process group (a scheduler ending the job) ends this Ray with
+        # the driver: without its GCS the driver would wait 60 s before giving up.
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
         ray.init(include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, configure_logging=True)
         return dict(ray.cluster_resources())

@@ -95,6 +95,7 @@ def _run(options, plan) -> int:
         cluster = connect(options.address)  # imports Ray: after the checks, for a quick refusal
     except _input_errors() as exc:
         return _fail(exc)
+    _sigterm_as_interrupt()  # again: ray.init replaced it with a plain exit (no records closed)
     import ray
 
     from search.report import final_report, header

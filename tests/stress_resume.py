@@ -5,10 +5,12 @@ resume path. test_fault_tolerance.py pins the moments that once broke; this look
 
     python tests/stress_resume.py --rounds 12 --seed 1
 
-Each round: a 4-trial x 6-epoch ce sweep on digits_lt, SIGKILL or SIGINT at a random offset after
-Tune's tuner.pkl appears (0-14 s: before Tune's first snapshot, while trials are asked, train and
-end), half the time a killed --resume too, then a final --resume that must end with exactly 4
-trials in Tune, Optuna and MLflow, all completed, every epoch logged once.
+Each round: a 4-trial x 6-epoch ce sweep on digits_lt, SIGKILL, SIGINT or SIGTERM to its process
+group at a random offset after Tune's tuner.pkl appears (0-14 s: before Tune's first snapshot,
+while trials are asked, start on reused actors, train and end), half the time to a --resume too,
+then a final --resume that must end with exactly 4 trials in Tune, Optuna and MLflow, all
+completed, every epoch logged once. A driver that was signalled, not killed, must not claim a
+sweep completed that was not (exit 0 with fewer than 4 end records).
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ FIRST = ["--space", "ce", "--epochs", str(EPOCHS), "--num-samples", str(SAMPLES)
          "--max-concurrent", "2", "--scheduler", "none", "--checkpoint-interval", "0"]
 
 
-def _kill_after(proc: subprocess.Popen, tune_dir: Path, offset: float, sig: int) -> None:
+SIGNALS = [signal.SIGKILL, signal.SIGINT, signal.SIGTERM]
+
+
+def _kill_after(proc: subprocess.Popen, tune_dir: Path, offset: float, sig: int) -> int:
+    """Send `sig` `offset` s after tuner.pkl appears; the driver's exit code."""
     began = time.monotonic()
     while (not (tune_dir / "tuner.pkl").exists() and proc.poll() is None
            and time.monotonic() - began < 120):
@@ -43,31 +49,40 @@ def _kill_after(proc: subprocess.Popen, tune_dir: Path, offset: float, sig: int)
     except ProcessLookupError:
         pass
     try:
-        proc.wait(timeout=120)
+        return proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        return proc.wait()
+
+
+def _false_completion(code: int, sig: int, records: int) -> str | None:
+    if sig != signal.SIGKILL and code == 0 and records < SAMPLES:
+        return f"{sig.name}: exit 0 with {records} of {SAMPLES} trials ended"
+    return None
 
 
 def one_round(folder: Path, rng: random.Random) -> tuple[str, str | None]:
     """(what was done, None or why it failed)."""
     storage, name, marker = folder / "runs", "stress", uuid.uuid4().hex
     tune_dir = storage / name / "tune"
-    offset, sig = rng.uniform(0, 14), rng.choice([signal.SIGKILL, signal.SIGINT])
-    _kill_after(ft._start(ft._command(storage, name, *FIRST), folder / "first.log", marker),
-                tune_dir, offset, sig)
+    offset, sig = rng.uniform(0, 14), rng.choice(SIGNALS)
+    code = _kill_after(ft._start(ft._command(storage, name, *FIRST), folder / "first.log",
+                                 marker), tune_dir, offset, sig)
     done = f"{sig.name} at +{offset:.1f} s"
+    false_end = _false_completion(code, sig, len(ft._records(storage, name)))
     if rng.random() < 0.5:
         time.sleep(2)
-        offset, sig = rng.uniform(0, 10), rng.choice([signal.SIGKILL, signal.SIGINT])
-        _kill_after(ft._start(ft._command(storage, name, "--resume"), folder / "second.log",
-                              marker), tune_dir, offset, sig)
+        offset, sig = rng.uniform(0, 10), rng.choice(SIGNALS)
+        code = _kill_after(ft._start(ft._command(storage, name, "--resume"),
+                                     folder / "second.log", marker), tune_dir, offset, sig)
         done += f", resume {sig.name} at +{offset:.1f} s"
+        false_end = false_end or _false_completion(code, sig, len(ft._records(storage, name)))
     time.sleep(2)
     final = subprocess.run(ft._command(storage, name, "--resume"), cwd=ft.REPO,
                            env=ft._env(marker), capture_output=True, text=True, timeout=600)
     (folder / "final.log").write_text(final.stdout + final.stderr)
     try:
+        assert false_end is None, false_end
         assert final.returncode == 0, final.stdout[-1500:] + final.stderr[-1500:]
         ft._assert_exact(storage, name, SAMPLES, EPOCHS)
     except AssertionError as exc:

@@ -143,10 +143,11 @@ def _assert_exact(storage: Path, name: str, num_samples: int, epochs: int) -> se
 
 
 def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: int = 12,
-                          when: Callable[[Path, str], object] | None = None) -> dict:
-    """Start a sweep, send `sig` to its whole process group once `when(storage, name)` holds
-    (default: a trial has ended), resume. Returns what the test needs to check; prints the
-    resume's cost."""
+                          when: Callable[[Path, str], object] | None = None,
+                          group: bool = True) -> dict:
+    """Start a sweep, send `sig` to its whole process group (or, not `group`, to the driver
+    alone) once `when(storage, name)` holds (default: a trial has ended), resume. Returns what
+    the test needs to check; prints the resume's cost."""
     storage, name, marker = tmp_path / "runs", f"ft-{sig}", uuid.uuid4().hex
     first_log = tmp_path / "first.log"
     proc = _start(_command(storage, name, "--space", "ce", "--epochs", str(epochs),
@@ -157,7 +158,7 @@ def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: in
         # A fine poll for a given moment: some last a fraction of a second.
         _wait_for(lambda: (when or _records)(storage, name), proc, first_log,
                   poll_s=0.2 if when is None else 0.01)
-        os.killpg(proc.pid, sig)
+        (os.killpg if group else os.kill)(proc.pid, sig)
         first_code = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -388,6 +389,19 @@ def test_a_sweep_interrupted_with_sigint_says_how_to_resume_and_resumes(tmp_path
     assert set(run["before"]["statuses"]) <= {("FINISHED", "completed"),
                                               ("KILLED", "interrupted")}
     assert ("FINISHED", "completed") in run["before"]["statuses"]
+    _assert_resumed_without_loss(run)
+
+
+@pytest.mark.slow
+def test_a_sweep_sent_sigterm_stops_like_ctrl_c_and_resumes(tmp_path: Path) -> None:
+    """SIGTERM (kill, timeout, a scheduler ending the job) to the driver: ray.init installs its
+    own handler (a plain exit, records left open), so the CLI's must be set after it."""
+    run = _interrupt_and_resume(tmp_path, signal.SIGTERM, group=False)
+    assert run["first_code"] == 1, run["first_out"][-4000:]
+    assert run["first_out"].strip().splitlines()[-1].startswith("Sweep interrupted: continue")
+    assert run["leftovers"] == []
+    assert set(run["before"]["statuses"]) <= {("FINISHED", "completed"),
+                                              ("KILLED", "interrupted")}
     _assert_resumed_without_loss(run)
 
 
