@@ -186,9 +186,9 @@ class ProgressCallback(Callback):
         self._counted_restored = True  # a resumed sweep counts the trials that ended before
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
-                last = own_result(trial)
-                self._ended[trial_key(trial)] = trial_status(last, trial.status == "ERROR")
-                self._note_best(self._ended[trial_key(trial)], last.get("val_all"))
+                last, key = own_result(trial), trial_key(trial)
+                self._ended[key] = trial_status(last, trial.status == "ERROR")
+                self._note_best(self._ended[key], last.get("val_all"))
 
     def _note_best(self, status: str, val: Any) -> None:
         if status == "completed" and isinstance(val, float):

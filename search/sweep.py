@@ -295,10 +295,12 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
         status = "interrupted"
     finally:
         summary: dict[str, float] = {}
+        records = plan.end_records()
         if results is not None:
-            _close_trials(plan, recorder, results, over=status == "completed")
+            records = _close_trials(plan, recorder, results, records,
+                                    over=status == "completed")
             rows = rows_from_results(results, interrupted=status != "completed",
-                                     records=plan.end_records())
+                                     records=records)
             best = best_completed(rows)
             if best is not None:
                 summary.update({"best_val_all": best.val["all"], "best_test_all": best.test["all"]})
@@ -307,28 +309,27 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
         recorder.finish(status, summary)
     if status == "completed" and options.plots:
         _log_sweep_plots(recorder, plan)
-    return SweepOutcome(status, results, time.monotonic() - started, parent,
-                        plan.end_records())
+    return SweepOutcome(status, results, time.monotonic() - started, parent, records)
 
 
-def _close_trials(plan: SweepPlan, recorder: Any, results: Any, over: bool) -> None:
-    """Bring MLflow and the study in line with the end records. Trials that ended while the
-    driver was not listening (an interrupt, the time budget's last moments) are closed from
-    their records. When the sweep is over, trials still unfinished were stopped by the time
-    budget: they get a stopped_early record first."""
+def _close_trials(plan: SweepPlan, recorder: Any, results: Any,
+                  records: dict[str, dict[str, Any]], over: bool) -> dict[str, dict[str, Any]]:
+    """Bring MLflow and the study in line with the end `records`; returns them as they are at
+    the end. Trials that ended while the driver was not listening (an interrupt, the time
+    budget's last moments) are closed from their records. When the sweep is over, trials still
+    unfinished were stopped by the time budget: they get a stopped_early record first."""
     from search.callbacks import TUNE_KEYS, log_trial_plots
     from search.optuna_search import close_from_records, close_unfinished
     from search.trials import grid_trials, own_result, trial_key
     from trainables.tune import write_record
 
     name = str(plan.options.name)
-    if over:
-        ended = plan.end_records()
-        for trial in grid_trials(results):
-            if trial_key(trial) not in ended:
-                last = {k: v for k, v in own_result(trial).items() if k not in TUNE_KEYS}
-                write_record(plan.records_dir, trial_key(trial), "stopped_early", last)
-    records = plan.end_records()
+    unfinished = [trial for trial in grid_trials(results) if trial_key(trial) not in records]
+    if over and unfinished:
+        for trial in unfinished:
+            last = {k: v for k, v in own_result(trial).items() if k not in TUNE_KEYS}
+            write_record(plan.records_dir, trial_key(trial), "stopped_early", last)
+        records = plan.end_records()
     open_runs = {run.data.tags.get("tailtune.trial_id") for run in recorder.child_runs()
                  if run.info.status not in ("FINISHED", "FAILED")}
     for key, record in records.items():
@@ -341,6 +342,7 @@ def _close_trials(plan: SweepPlan, recorder: Any, results: Any, over: bool) -> N
     close_from_records(plan.optuna_url, name, records)
     if over:
         close_unfinished(plan.optuna_url, name)  # normally none left
+    return records
 
 
 def _log_sweep_plots(recorder: Any, plan: SweepPlan) -> None:
