@@ -38,6 +38,11 @@ class SweepOptions:
     protocol: str = "holdout"
     data_dir: str = "data"
     download: bool = False
+    profile: str = "exp"
+    n_max: int | None = None
+    val_per_class: int | None = None
+    image_size: int | None = None
+    model: str | None = None
     num_samples: int = 8
     max_concurrent: int | None = None
     scheduler: str = "asha"
@@ -96,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="holdout: select on validation; paper: on test (comparison only)")
     p.add_argument("--data-dir", default="data", help="dataset folder (default: ./data)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--profile", default="exp", choices=("exp", "step", "natural"),
+                   help="long-tail profile (natural: an image folder's own counts)")
+    p.add_argument("--n-max", type=int,
+                   help="images of the head class before the long tail (default: dataset's)")
+    p.add_argument("--val-per-class", type=int,
+                   help="held-out validation images per class (default: n_max / 25)")
+    p.add_argument("--image-size", type=int,
+                   help="resize images to N x N on decode (image folders, list files)")
+    p.add_argument("--model", help="backbone (default: dataset's; see trainables.models)")
     p.add_argument("--num-samples", type=int, default=8, help="trials (default: 8)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
     p.add_argument("--scheduler", default="asha", help=f"{' or '.join(SCHEDULERS)}")
@@ -161,6 +175,16 @@ def validate(options: SweepOptions) -> None:
     if options.scheduler not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {options.scheduler!r}; "
                          f"accepted: {', '.join(SCHEDULERS)}")
+    _at_least("--n-max", options.n_max, 1)
+    _at_least("--val-per-class", options.val_per_class, 1)
+    if options.image_size is not None and not 8 <= options.image_size <= 1024:
+        raise UsageError(f"--image-size must be an integer in [8, 1024]; got {options.image_size}")
+    if options.model is not None:
+        from trainables.models import MODELS
+
+        if options.model not in MODELS:
+            raise UsageError(f"unknown model {options.model!r}; "
+                             f"accepted: {', '.join(sorted(MODELS))}")
     _at_least("--num-samples", options.num_samples, 1)
     _at_least("--max-concurrent", options.max_concurrent, 1)
     _at_least("--epochs", options.epochs, 1)

@@ -88,6 +88,7 @@ class SweepPlan:
     def tags(self) -> dict[str, Any]:
         o = self.options
         return {"space": o.space, "dataset": o.dataset, "seed": o.seed,
+                "source": self.dataset.get("source", o.dataset),
                 "imbalance": self.dataset["imbalance"],
                 "protocol": self.dataset["protocol"], "method": self.space.method,
                 "results_dir": str(self.sweep_dir / TUNE_FOLDER)}
@@ -113,13 +114,18 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
 
     space = get_space(options.space)
     fixed = fixed_settings(space, options.dataset, options.epochs)
-    fixed.update(imbalance=options.imbalance, protocol=options.protocol,
-                 data_dir=options.data_dir, download=options.download, seed=options.seed)
-    config = TrialConfig.from_dict(space.to_config({}, fixed))
-    dataset = build_dataset(options.dataset, imbalance=options.imbalance,
-                            protocol=options.protocol, data_dir=options.data_dir,
-                            download=options.download, split_seed=config.split_seed)
+    data = dict(imbalance=options.imbalance, protocol=options.protocol,
+                data_dir=options.data_dir, download=options.download, n_max=options.n_max,
+                val_per_class=options.val_per_class, image_size=options.image_size)
+    if options.profile != "exp":
+        data["profile"] = options.profile
+    dataset = build_dataset(options.dataset, **data)
     description = dataset.describe()
+    # Every trial gets the n_max the data was built with, so a `count` radius scales by the
+    # head class this dataset really has (spaces.dimensions.derive_fields).
+    data["n_max"] = description.get("n_max", options.n_max)
+    fixed.update(data, seed=options.seed, model=options.model)
+    config = TrialConfig.from_dict(space.to_config({}, fixed))
     if description.get("imbalance") is None:  # natural long tails (list-file datasets)
         counts = [c for c in dataset.class_counts if c > 0]
         description["imbalance"] = round(max(counts) / min(counts), 2)

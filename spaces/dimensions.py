@@ -54,6 +54,7 @@ def derive_fields(params: Mapping[str, Any], config: dict[str, Any]) -> None:
         config["cb_beta"] = 1.0 - params["cb_one_minus_beta"]
     if params.get("radius") == "count":
         # eps_c = eps / sqrt(n_c): scale so the sampled eps is the largest class's radius.
-        config["eps"] = params["eps"] * count_reference(config.get("dataset", "")) ** 0.5
+        n_max = config.get("n_max") or count_reference(config.get("dataset", ""))
+        config["eps"] = params["eps"] * n_max ** 0.5
     if params.get("radius") == "erm":
         config["eps"] = 0.0

@@ -37,6 +37,9 @@ class TrialConfig:
     protocol: str = "holdout"
     data_dir: str = "data"
     download: bool = False
+    n_max: int | None = None  # images of the head class before the long tail; None: dataset's
+    val_per_class: int | None = None  # held-out validation images per class; None: dataset's
+    image_size: int | None = None  # resize on decode (image folders, list files); None: as is
     split_seed: int = 0
     seed: int = 0
     model: str | None = None  # None: the dataset's default backbone
@@ -67,7 +70,6 @@ class TrialConfig:
     dro_freeze_classifier: bool = False
     # classifier phase on frozen features
     classifier: str = "none"
-    cls_reinit: bool = False  # re-initialise the classifier first (Kang et al.'s cRT)
     cls_reinit: bool = False  # re-initialise the classifier first (Kang et al.'s cRT)
     cls_epochs: int = 10
     cls_lr: float = 0.01
@@ -118,7 +120,11 @@ class TrialConfig:
         """Everything stage 1's result depends on (the stage-1 cache key)."""
         names = (
             "dataset",
+            "data_dir",
             "imbalance",
+            "n_max",
+            "val_per_class",
+            "image_size",
             "profile",
             "protocol",
             "split_seed",
@@ -152,6 +158,10 @@ class TrialConfig:
         _choice("device", self.device, DEVICES)
         if self.imbalance is not None:
             _range("imbalance", self.imbalance, 1, math.inf, low_open=True)
+        for name, low, high in (("n_max", 1, 10**7), ("val_per_class", 1, 10**6),
+                                ("image_size", 8, 1024)):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), low, high)
         for name in ("epochs",):
             _range(name, getattr(self, name), 1, 100_000)
         for name in ("dro_epochs", "cls_epochs", "warmup_epochs"):
@@ -251,6 +261,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
         raise ConfigError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
 
 
 def _range(

@@ -17,6 +17,7 @@ import torch
 SPLITS = ("train", "val", "test")
 PROTOCOLS = ("holdout", "paper")
 SAMPLERS = ("instance", "class_balanced", "class_aware")
+PROFILES = ("exp", "step", "natural")  # natural: an image folder's own class counts
 
 
 class DataError(ValueError):
@@ -147,6 +148,14 @@ def build_dataset(name: str, **options: Any) -> LTDataset:
     imbalance = options.get("imbalance")
     if imbalance is not None and not float(imbalance) > 1:
         raise DataError(f"imbalance factor must be > 1, got {imbalance}")
+    profile = options.get("profile") or "exp"
+    if profile not in PROFILES:
+        raise DataError(f"unknown profile {profile!r}; accepted: {', '.join(PROFILES)}")
+    if profile == "natural" and name != "imagefolder":
+        raise DataError(f"profile natural keeps an image folder's own counts; {name} is "
+                        "balanced or has its own long tail: accepted here: exp, step")
+    if profile == "natural" and imbalance is not None:
+        raise DataError("profile natural keeps the folder's own counts; leave imbalance unset")
     return _REGISTRY[name](**{k: v for k, v in options.items() if v is not None})
 
 
@@ -154,8 +163,6 @@ def _import_builders() -> None:
     # Builders register themselves on import; imported lazily to keep `import trainables` light.
     import trainables.cifar  # noqa: F401
     import trainables.digits  # noqa: F401
-
-    try:
-        import trainables.listfile  # noqa: F401
-    except ImportError:  # pragma: no cover - module added separately
-        pass
+    import trainables.fashion_mnist  # noqa: F401
+    import trainables.imagefolder  # noqa: F401
+    import trainables.listfile  # noqa: F401

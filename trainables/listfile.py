@@ -17,6 +17,7 @@ Under "paper", training is the full training list and validation is the test spl
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from trainables.data import DataError, LTDataset, register_dataset
+from trainables.imagefolder import cache_dir, decode_images
 from trainables.sampling import epoch_order
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,6 +116,38 @@ def carve_balanced(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.nd
     return np.sort(order[~to_val]), np.sort(order[to_val])
 
 
+def check_images(name: str, root: Path, splits: dict[str, tuple[Path, ListSplit]]) -> None:
+    """Every listed image exists and decodes, or one DataError naming the first that does not.
+
+    Decoding a whole release takes minutes, so a successful check leaves a stamp keyed by the
+    lists' entries and every image's size and mtime; an unchanged release is checked in the
+    time it takes to stat its files.
+    """
+    digest = hashlib.sha256()
+    paths = []
+    for list_path, split in splits.values():
+        for number, rel in enumerate(split.paths, start=1):
+            path = root / rel
+            try:
+                stat = path.stat()
+            except OSError:
+                stat = None
+            if stat is None or not path.is_file():
+                raise DataError(f"image {path} (entry {number} of {list_path}) not found; is "
+                                f"{root} the image root the {name} lists are relative to?")
+            digest.update(f"{rel}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            paths.append(str(path))
+    stamp = cache_dir().parent / "verified" / digest.hexdigest()[:32]
+    if stamp.is_file():
+        return
+    decode_images(paths, None, desc=f"checking {name} images", keep=False)
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(f"{len(paths)} images of {root} decode\n")
+    except OSError:  # the next run checks again; nothing is wrong with the data
+        pass
+
+
 def _resolve_list(explicit: str | None, data_dir: Path, default: str | None) -> Path | None:
     if explicit is not None:
         return Path(explicit).expanduser()
@@ -159,16 +193,22 @@ def build_list_dataset(
                   for split in wanted}
     splits = {split: read_list_file(path, root)
               for split, path in list_paths.items() if path is not None}
-    for split in splits.values():
-        first = root / split.paths[0]
-        if not first.is_file():
-            raise DataError(f"image {first} (first entry of a {name} list) not found; is "
-                            f"{root} the image root the lists are relative to?")
-
     labels_seen = max(int(s.labels.max()) for s in splits.values()) + 1
     classes = int(num_classes) if num_classes is not None else labels_seen
     if classes < labels_seen:
-        raise DataError(f"num_classes {classes} is below the largest label + 1 ({labels_seen})")
+        split, path = next((k, list_paths[k]) for k, v in splits.items()
+                           if int(v.labels.max()) >= classes)
+        raise DataError(f"{path}: label {int(splits[split].labels.max())} is outside the "
+                        f"{classes} classes (0..{classes - 1}); accepted: labels below "
+                        "num_classes")
+    trained = torch.bincount(splits["train"].labels, minlength=classes) > 0
+    for split in ("val", "test"):
+        if split in splits and not bool(trained[splits[split].labels].all()):
+            label = int(splits[split].labels[~trained[splits[split].labels]][0])
+            raise DataError(f"{list_paths[split]}: class {label} has {split} images but no "
+                            f"training image in {list_paths['train']}; accepted: {split} classes "
+                            "that are training classes")
+    check_images(name, root, {k: (list_paths[k], v) for k, v in splits.items()})
 
     train = splits["train"]
     if protocol == "paper":

@@ -82,6 +82,9 @@ class TrialRunner:
             data_dir=config.data_dir,
             download=config.download,
             split_seed=config.split_seed,
+            n_max=config.n_max,
+            val_per_class=config.val_per_class,
+            image_size=config.image_size,
         )
         self.class_counts = self.dataset.class_counts
         self.autocast = config.amp and self.device.type == "cuda"
