@@ -162,3 +162,48 @@ def write_image_tree(
         lists[split] = root / list_name
         lists[split].write_text("".join(lines[i] + "\n" for i in order))
     return lists
+
+
+def write_folder_tree(
+    root: Path,
+    train_counts: list[int],
+    test_per_class: int = 3,
+    image_size: int = 16,
+    class_names: list[str] | None = None,
+    test_folder: str = "test",
+    grey: bool = False,
+    seed: int = 0,
+) -> dict[str, list[Path]]:
+    """Write `root/train/<class>/` and `root/<test_folder>/<class>/` image folders.
+
+    Real image files: JPEG for even and PNG for odd classes, random pixels (grey when `grey`),
+    class folders named `class_names` or `c0`, `c1`, ... Returns the files of each split.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = class_names or [f"c{i}" for i in range(len(train_counts))]
+    written: dict[str, list[Path]] = {"train": [], test_folder: []}
+    for split, counts in (("train", train_counts), (test_folder, [test_per_class] * len(names))):
+        for label, (name, count) in enumerate(zip(names, counts, strict=True)):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            fmt, ext = ("JPEG", "jpg") if label % 2 == 0 else ("PNG", "png")
+            for index in range(count):
+                shape = (image_size, image_size) if grey else (image_size, image_size, 3)
+                pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+                path = folder / f"{index:04d}.{ext}"
+                Image.fromarray(pixels).save(path, format=fmt)
+                written[split].append(path)
+    return written
+
+
+def write_idx(path: Path, array: np.ndarray, gzipped: bool = True) -> Path:
+    """An IDX file of unsigned bytes (the MNIST / Fashion-MNIST format)."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    Path(path).write_bytes(gzip.compress(raw) if gzipped else raw)
+    return Path(path)

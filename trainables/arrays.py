@@ -67,6 +67,11 @@ def lt_from_arrays(
         counts = available
     else:
         counts = long_tail_counts(int(n_max), arrays.num_classes, float(imbalance), profile)
+    if min(counts) < 1:
+        raise DataError(
+            f"n_max {n_max} at imbalance {imbalance:g} leaves class {counts.index(min(counts))} "
+            "without training images; accepted: a larger n_max or a smaller imbalance"
+        )
     short = [c for c in range(arrays.num_classes) if available[c] < counts[c]]
     if short:
         c = short[0]

@@ -108,6 +108,9 @@ def _resnet34_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    # He et al.'s CIFAR ResNets (6n + 2 layers); 8 and 20 are the cheaper CPU-protocol backbones
+    "resnet8": lambda num_classes, in_channels=3: ResNetCifar(num_classes, 1, in_channels),
+    "resnet20": lambda num_classes, in_channels=3: ResNetCifar(num_classes, 3, in_channels),
     "resnet32": lambda num_classes, in_channels=3: ResNetCifar(num_classes, 5, in_channels),
     "resnet34_cifar": _resnet34_cifar,
     "resnet50": _torchvision("resnet50"),
