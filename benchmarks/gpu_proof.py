@@ -62,6 +62,7 @@ try:
     import numpy as np
     import throughput
     import torch
+    import torchvision
     from PIL import Image
 
     import trainables
@@ -333,6 +334,14 @@ def trial_summary(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def guarded(function: Callable, *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
+    """(value, None), or (None, the error and where it came from) if `function` raised."""
+    try:
+        return function(*args, **kwargs), None
+    except Exception as error:  # the caller records it and goes on with the next check
+        return None, f"{type(error).__name__}: {error}\n{traceback.format_exc()[-3000:]}"
+
+
 def fingerprint(result: dict[str, Any]) -> dict[str, Any]:
     """Everything a seeded repeat must reproduce exactly."""
     return {
@@ -423,8 +432,6 @@ def stage_env(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
         result["import_error"] = IMPORT_ERROR
         return {"result": result, "checks": {"project_imports": False},
                 "headline": "import failed: " + IMPORT_ERROR.strip().splitlines()[-1]}
-    import torchvision
-
     result.update(torch=torch.__version__, torchvision=torchvision.__version__,
                   numpy=np.__version__, cuda=torch.version.cuda,
                   cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
@@ -514,39 +521,51 @@ def stage_correctness(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     batch = sizes.batch_size
     base = {"dataset": SYNTHETIC_NAME, "model": "resnet32", "device": device.type, "seed": 0,
             "batch_size": batch, "dro_batch_size": batch, "cls_batch_size": batch, "amp": True}
+    variants = dict(correctness_variants(base))
     runs, results = {}, {}
-    for name, config in correctness_variants(base):
+    for name, config in variants.items():
         started = time.perf_counter()
-        result = run_trial(config)
-        results[name] = result
-        runs[name] = {**trial_summary(result), "seconds": time.perf_counter() - started}
+        result, error = guarded(run_trial, config)
+        if error is None:
+            results[name] = result
+            runs[name] = trial_summary(result)
+        else:  # one variant's failure must not hide the others' results
+            runs[name] = {"status": "error", "error": error, "finite": False}
+        runs[name]["seconds"] = time.perf_counter() - started
         print(f"  {name}: {runs[name]['status']}, losses finite {runs[name]['finite']}, "
-              f"test {percent(runs[name]['test_all'])}%", flush=True)
+              f"test {percent(runs[name].get('test_all'))}%", flush=True)
 
-    dro = dro_autocast_check(device, dataset, batch)
-    repeat = repeat_check(device, results["dro_lt/learned"],
-                          dict(correctness_variants(base))["dro_lt/learned"])
-    cache = cache_check(base, args.out)
+    dro, dro_error = guarded(dro_autocast_check, device, dataset, batch)
+    if "dro_lt/learned" in results:
+        repeat, repeat_error = guarded(repeat_check, device, results["dro_lt/learned"],
+                                       variants["dro_lt/learned"])
+    else:
+        repeat, repeat_error = None, "the dro_lt/learned run failed: nothing to repeat"
+    cache, cache_error = guarded(cache_check, base, args.out)
     checks = {
         "all_variants_finite": all(run["finite"] for run in runs.values()),
-        "dro_autocast_rel_error": all(row["passed"] for row in dro["radii"].values()),
-        "repeat_identical": repeat["identical"],
-        "stage1_cache_reused": cache["passed"],
+        "dro_autocast_rel_error": dro is not None
+        and all(row["passed"] for row in dro["radii"].values()),
+        "repeat_identical": repeat is not None and repeat["identical"],
+        "stage1_cache_reused": cache is not None and cache["passed"],
     }
-    worst = max(row["rel_error_bf16_features"] for row in dro["radii"].values())
-    headline = (f"{sum(r['finite'] for r in runs.values())}/{len(runs)} runs finite; DRO bf16 "
-                f"rel err {worst:.1e} (< {DRO_REL_ERROR_BOUND:g}); repeat "
-                + ("identical" if repeat["identical"] else
-                   f"differs (max {repeat['max_difference']:.2e})")
-                + ("; cache reused" if cache["passed"] else "; cache NOT reused"))
+    worst = max(row["rel_error_bf16_features"] for row in dro["radii"].values()) if dro else None
+    headline = "; ".join([
+        f"{sum(r['finite'] for r in runs.values())}/{len(runs)} runs finite",
+        f"DRO bf16 rel err {worst:.1e} (< {DRO_REL_ERROR_BOUND:g})" if dro else "DRO check error",
+        "repeat error" if repeat is None else "repeat identical" if repeat["identical"]
+        else f"repeat differs (max {repeat['max_difference']:.2e})",
+        "cache error" if cache is None else "cache reused" if cache["passed"]
+        else "cache NOT reused",
+    ])
     return {
         "result": {
             "autocast": device.type == "cuda",
             "dataset": dataset.describe() | {"class_counts": dataset.class_counts},
             "runs": runs,
-            "dro_loss_autocast": dro,
-            "repeat": repeat,
-            "stage1_cache": cache,
+            "dro_loss_autocast": dro or {"error": dro_error},
+            "repeat": repeat or {"error": repeat_error},
+            "stage1_cache": cache or {"error": cache_error},
         },
         "checks": checks,
         "headline": headline,
@@ -880,7 +899,11 @@ def packing_worker(args: argparse.Namespace, sizes: Sizes) -> int:
               "method": "ce", "classifier": "none", "batch_size": sizes.batch_size, "epochs": 1}
     run_trial(config)  # CUDA context, cuDNN autotuning, data on the device: not timed
     (sync / f"ready-{args.index}").touch()
+    give_up = time.monotonic() + sizes.packing_timeout
     while not (sync / "go").exists():
+        # its own process group outlives a killed stage process: never wait forever
+        if time.monotonic() > give_up:
+            return 1
         time.sleep(0.005)
     start = time.time()
     ends: list[float] = []
