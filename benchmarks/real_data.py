@@ -69,17 +69,18 @@ class Benchmark:
 
 
 # The CPU protocol. Why these numbers: docs/real_data.md.
-CPU_DATA = {"imbalance": 100.0, "model": "resnet20", "batch_size": 128, "dro_batch_size": 128,
-            "cls_batch_size": 128, "warmup_epochs": 2, "device": "cpu"}
+CPU_DATA = {"imbalance": 100.0, "n_max": 1000, "val_per_class": 100, "model": "resnet8",
+            "batch_size": 128, "dro_batch_size": 128, "cls_batch_size": 128, "warmup_epochs": 2,
+            "device": "cpu"}
 BENCHMARKS = {
     "cifar": Benchmark(
-        "cifar", "cifar10_lt", {**CPU_DATA, "n_max": 2000, "val_per_class": 100}, 40,
+        "cifar", "cifar10_lt", CPU_DATA, 50,
         ("ce", "dro_lt_paper", "wb_paper", "sweep:dro_lt", "sweep:wb", "sweep:dro_wb"),
         "CIFAR-10-LT IF 100, ResNet-32, 200 epochs, official pickles (LDAM paper): "
         "cross-entropy 70.36, LDAM-DRW 77.03",
     ),
     "fashion": Benchmark(
-        "fashion", "fashion_mnist_lt", {**CPU_DATA, "n_max": 2000, "val_per_class": 100}, 30,
+        "fashion", "fashion_mnist_lt", CPU_DATA, 30,
         ("ce", "dro_lt_paper", "wb_paper", "sweep:dro_wb"),
         "none published for Fashion-MNIST-LT IF 100",
     ),

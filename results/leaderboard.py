@@ -51,7 +51,8 @@ PAPER_LABEL = "paper (val = TEST set)"
 PAPER_NOTE = ("protocol 'paper': the papers' protocol, trials were selected on the TEST set, so "
               "their 'val' columns are test accuracy and no honest estimate; for comparison with "
               "published tables only.")
-TRIAL_COLUMNS = ("run_id", "experiment", "sweep", "space", "dataset", "imbalance", "protocol",
+TRIAL_COLUMNS = ("run_id", "experiment", "sweep", "space", "dataset", "source", "imbalance",
+                 "protocol",
                  "seed", "method", "trial_id", "status", "run_status", "start_time", "epochs_run",
                  *METRICS, "params", "config_key")
 
@@ -129,6 +130,8 @@ def _trial_row(run: Any, experiment: str) -> dict[str, Any]:
         "sweep": tags.get("tailtune.sweep", ""),
         "space": tags.get("tailtune.space", ""),
         "dataset": tags.get("tailtune.dataset", params.get("dataset", "")),
+        # where the images came from, e.g. "CIFAR-10 (JPEG q75 copy)" (older runs: unknown)
+        "source": tags.get("tailtune.source", ""),
         "imbalance": _number(parse_param(tags.get("tailtune.imbalance", "None"))),
         "protocol": tags.get("tailtune.protocol", params.get("protocol", "")),
         "seed": params.get("seed", parse_param(tags.get("tailtune.seed", "None"))),

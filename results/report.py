@@ -227,6 +227,9 @@ def render_report(trials: pd.DataFrame, experiment: str, tracking_uri: str) -> s
     ]
     for dataset, table in report_tables(trials).items():
         lines += ["", f"## {dataset}", ""]
+        sources = sorted({s for s in trials.loc[trials["dataset"] == dataset, "source"] if s})
+        if sources:
+            lines += [f"Data: {'; '.join(sources)}.", ""]
         if dataset != REFERENCE_DATASET and not any(p.dataset == dataset for p in PUBLISHED):
             lines += [f"No published numbers for {dataset}: the published column shows "
                       "CIFAR-100-LT at the same imbalance factor, for reference only.", ""]

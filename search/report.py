@@ -24,7 +24,8 @@ def header(plan: SweepPlan, resources: Any) -> str:
         stopping = f"no early stopping, {plan.total_epochs} epochs each"
     verb = "Resuming" if o.resume else "Sweep"
     return "\n".join([
-        f"{verb} {o.name}: space {o.space} on {o.dataset} (imbalance {imbalance}, protocol "
+        f"{verb} {o.name}: space {o.space} on {o.dataset}"
+        + (f" [{d['source']}]" if d.get("source") else "") + f" (imbalance {imbalance}, protocol "
         f"{protocol}; train/val/test {split})",
         f"  {o.num_samples} trials, Optuna TPE seed {o.seed}; {stopping}",
         f"  {resources.max_concurrent} at a time, {resources.cpus:g} CPU + {resources.gpus:g} GPU "

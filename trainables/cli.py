@@ -114,6 +114,10 @@ def print_summary(result: dict[str, Any]) -> None:
         if protocol == "paper"
         else "held-out validation"
     )
+    data = result["dataset"]
+    sizes = "/".join(str(data["sizes"][split]) for split in ("train", "val", "test"))
+    print(f"data: {data['dataset']} from {data.get('source', 'the embedded copy')}, imbalance "
+          f"{data.get('imbalance', '-')}, train/val/test {sizes}")
     print(f"status: {result['status']}   protocol: {protocol} ({label})")
     print(f"{'split':<6} {'all':>6} {'many':>6} {'medium':>6} {'few':>6}")
     for split in ("val", "test"):
