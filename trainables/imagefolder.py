@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from trainables.arrays import Arrays, lt_from_arrays
 from trainables.data import DataError, LTDataset, register_dataset
@@ -188,8 +188,7 @@ def decode_images(paths: Sequence[str], image_size: int | None, desc: str = "dec
     tasks = [(chunk, image_size, keep) for chunk in chunks]
     images: list[np.ndarray] = []
     all_grey = True
-    bar = tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr, mininterval=1.0,
-               disable=len(paths) < PARALLEL_FROM)
+    bar = Progress(desc, len(paths), enabled=len(paths) >= PARALLEL_FROM)
     workers = min(len(chunks), os.cpu_count() or 1)
     pool = None
     if len(paths) < PARALLEL_FROM or workers < 2:
@@ -231,6 +230,28 @@ def _decode_chunk(task: tuple[Sequence[str], int | None, bool]
                 rgb = _resize(rgb, image_size)
             out.append(np.asarray(rgb, dtype=np.uint8))
     return out, len(paths), grey, None
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most once a second (no dependency: the GPU
+    machine's image has PyTorch and numpy, not tqdm)."""
+
+    def __init__(self, desc: str, total: int, enabled: bool = True) -> None:
+        self.desc, self.total, self.enabled = desc, total, enabled
+        self.done, self.start, self.drawn = 0, time.perf_counter(), 0.0
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if self.enabled and (now - self.drawn >= 1.0 or self.done == self.total):
+            self.drawn = now
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f"\r{self.desc}: {self.done:,} / {self.total:,} images ({rate:,.0f}/s)",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            print(file=sys.stderr, flush=True)
 
 
 def _resize(image: Image.Image, size: int) -> Image.Image:
