@@ -132,7 +132,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_every_stage_passes_with_only_the_gpu_machine_packages(rehearsal: dict) -> None:
     done, out = rehearsal["done"], rehearsal["out"]
     lines = records(out)
-    failing = {stage: line.get("error") or line.get("checks") or line.get("headline")
+    failing = {stage: line.get("error") or f"{line.get('headline')} {line.get('checks')}"
                for stage, line in lines.items() if line["status"] != "passed"}
     assert not failing, failing
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
