@@ -4,7 +4,11 @@ Trains (or takes from the stage-1 cache) the stage-1 model a `dro_lt` sweep star
 benchmark's protocol, then measures on its clean training features: the distances between class
 centroids, from an image to its own and to the nearest other centroid, the feature norm, and
 `effect@eps` = (L_DRO(eps) - L_DRO(0)) / eps with a shared radius, at several temperatures.
-The effect lies in [0, 1]: near 0 the radius barely moves the loss or its gradients.
+The loss changes by log(P + Q e^(eps/T)), P and Q the own-class and other-class softmax mass of
+a row, so the effect lies in [0, 1/T]: near 0 the own class already holds the mass (eps must
+grow before it acts); near 1/T the other classes hold it and eps shifts the loss by a constant,
+which moves the gradients little either. The radius changes the gradients most where it moves
+the own-class mass P / (P + Q e^(eps/T)) through 1/2.
 
     python benchmarks/feature_scale.py --cifar-dir /path/to/cifar10-jpg \
         --cache-dir benchmarks/results/real_data/runs/stage1_cache
