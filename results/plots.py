@@ -5,7 +5,7 @@ adapter reports, which has no epoch history: `log_trial_plots` then reads it bac
 metrics):
 
 - per_class_accuracy.png  validation and test accuracy of every class against its training count,
-                          with the Few / Medium / Many bands (methods.md 1);
+                          with the Few / Medium / Many bands (docs/methods.md 1);
 - weight_norms.png        per-class classifier weight norms after stage 1 and at the end, classes
                           ordered by training count, with the MaxNorm radius (Weight Balancing's
                           figure: a naive classifier's norms follow the class frequency);

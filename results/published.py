@@ -1,4 +1,4 @@
-"""The published numbers of methods.md sections 4 and 5, as data (accuracy in %).
+"""The published numbers of docs/methods.md sections 4 and 5, as data (accuracy in %).
 
 Each `Published` row is one table line of one paper: overall accuracy per imbalance factor and,
 where the paper gives them, Many / Medium / Few at one imbalance factor. `method` is the key this
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 DRO_LT_PAPER = "DRO-LT (Samuel & Chechik, ICCV 2021)"
 WB_PAPER = "Weight Balancing (Alshammari et al., CVPR 2022)"
-# methods.md 2: the WB authors' CIFAR code used a CIFAR-stem ResNet-34, the paper says ResNet-32.
+# docs/methods.md 2: the WB authors' CIFAR code used a CIFAR-stem ResNet-34, the paper says
+# ResNet-32.
 WB_BACKBONE = "ResNet-32 (paper; the authors' code used ResNet-34)"
 
 
@@ -31,7 +32,7 @@ class Published:
 
 
 PUBLISHED: tuple[Published, ...] = (
-    # methods.md 4, "Reported results (ResNet-32, CIFAR-100-LT)"
+    # docs/methods.md 4, "Reported results (ResNet-32, CIFAR-100-LT)"
     Published("ce", "CE", DRO_LT_PAPER, "cifar100_lt", "ResNet-32",
               {100: 38.32, 50: 43.85, 10: 55.71}, {100: (65.5, 37.9, 7.4)}),
     Published("dro_lt/erm", "DRO-LT, eps = 0", DRO_LT_PAPER, "cifar100_lt", "ResNet-32",
@@ -46,7 +47,7 @@ PUBLISHED: tuple[Published, ...] = (
               "ResNet-50", {None: 53.5}, {None: (64.0, 49.8, 33.1)}),
     Published("dro_lt/learned", "DRO-LT, learned eps", DRO_LT_PAPER, "inat2018", "ResNet-50",
               {None: 69.7}),
-    # methods.md 5, "Reported results (CIFAR-100-LT)"
+    # docs/methods.md 5, "Reported results (CIFAR-100-LT)"
     Published("ce", "naive CE", WB_PAPER, "cifar100_lt", WB_BACKBONE,
               {100: 38.38, 50: 43.99, 10: 57.31}, {100: (64.05, 35.80, 11.43)}),
     Published("ce", "WD (tuned weight decay)", WB_PAPER, "cifar100_lt", WB_BACKBONE,

@@ -6,7 +6,7 @@
 For every dataset in the experiment, a Markdown table of methods by imbalance factor: the test
 accuracy (All / Many / Medium / Few, %) of the trial with the best validation accuracy among the
 completed trials of that method, dataset, imbalance factor and protocol; the published numbers of
-methods.md sections 4 and 5 (results/published.py); the gap (ours minus published, in points);
+docs/methods.md sections 4 and 5 (results/published.py); the gap (ours minus published, in points);
 and the protocol. Published numbers are CIFAR-100-LT (ImageNet-LT, iNaturalist 2018 for a few
 lines): for any other dataset they are shown for reference only and the gap is "n/a (different
 dataset)". Nothing is filled in: a method without a completed trial is "not measured", a number a

@@ -1,4 +1,4 @@
-"""The search dimensions of methods.md section 6, defined once and shared by the spaces."""
+"""The search dimensions of docs/methods.md section 6, defined once and shared by the spaces."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""`dro_lt`: DRO-LT (methods.md 4). Stage 1 is the fixed LDAM recipe, shared by every trial of a
-sweep through the stage-1 cache; the search acts on the DRO phase; then cRT retrains the
+"""`dro_lt`: DRO-LT (docs/methods.md 4). Stage 1 is the fixed LDAM recipe, shared by every trial
+of a sweep through the stage-1 cache; the search acts on the DRO phase; then cRT retrains the
 classifier with class-balanced sampling."""
 
 from spaces.core import Space

@@ -24,7 +24,7 @@ DATASET_SCALE = {
     "inat2018": "large",
 }
 
-# Settings of the data pipeline, independent of the method (methods.md 3 and 4).
+# Settings of the data pipeline, independent of the method (docs/methods.md 3 and 4).
 SCALE_SETTINGS: dict[str, dict[str, Any]] = {
     # digits_lt: a one-epoch warm-up at batch 64 leaves stage 1 at ~57% val after 20 epochs;
     # five epochs at batch 128 reach ~90% (measured with the single-trial command).
@@ -35,7 +35,7 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
 
 # Training images of the largest class (n_max of the LT construction). The `count` radius is
 # eps_c = eps / sqrt(n_c); spaces sample the head class's radius and scale it by sqrt(n_max) so
-# one eps range means the same thing for every radius variant (methods.md 6).
+# one eps range means the same thing for every radius variant (docs/methods.md 6).
 COUNT_REFERENCE = {
     "digits_lt": 110,
     "cifar10_lt": 5000,

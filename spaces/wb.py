@@ -1,5 +1,5 @@
-"""`wb`: Weight Balancing (methods.md 5). Stage 1 with a searched weight decay (the paper's main
-lever), then the classifier retrained with a class-balanced loss, weight decay and MaxNorm."""
+"""`wb`: Weight Balancing (docs/methods.md 5). Stage 1 with a searched weight decay (the paper's
+main lever), then the classifier retrained with a class-balanced loss, weight decay and MaxNorm."""
 
 from spaces.core import Space
 from spaces.dimensions import LR, WB_STAGE2, WEIGHT_DECAY, derive_fields

@@ -1,4 +1,4 @@
-"""Weight Balancing building blocks (methods.md 5): class-balanced losses, MaxNorm, tau-norm,
+"""Weight Balancing building blocks (docs/methods.md 5): class-balanced losses, MaxNorm, tau-norm,
 frozen features, exercised on real ResNet-32 stage-2 training on digits_lt."""
 
 from __future__ import annotations

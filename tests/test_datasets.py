@@ -30,7 +30,7 @@ def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def expected_counts(n_max: int, num_classes: int, imbalance: float) -> list[int]:
-    # methods.md 1, written out here independently of trainables.lt_profile
+    # docs/methods.md 1, written out here independently of trainables.lt_profile
     return [int(n_max * (1 / imbalance) ** (i / (num_classes - 1))) for i in range(num_classes)]
 
 

@@ -1,4 +1,4 @@
-"""DRO-LT building blocks: the robust loss against methods.md 4, the radii, the centroids."""
+"""DRO-LT building blocks: the robust loss against docs/methods.md 4, the radii, the centroids."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ RADII = [0.2, 1.3, 0.5, 2.1, 0.9, 1.7, 0.05]  # distinct per class
 
 
 def reference_loss(features, labels, centroids, radii, temperature, class_weights=None) -> float:
-    """methods.md 4 written out as loops over classes and samples, in float64 Python."""
+    """docs/methods.md 4 written out as loops over classes and samples, in float64 Python."""
     z, y, mu = features.double().tolist(), labels.tolist(), centroids.double().tolist()
     eps = [float(r) for r in radii]
     total = weight_sum = 0.0

@@ -1,4 +1,5 @@
-"""Search spaces: ranges from methods.md 6, conditional dimensions, configs the pipeline accepts."""
+"""Search spaces: ranges from docs/methods.md 6, conditional dimensions, configs the pipeline
+accepts."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from trainables.config import TrialConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-# methods.md section 6, written out independently of spaces/: (low, high, log) per dimension.
+# docs/methods.md section 6, written out independently of spaces/: (low, high, log) per dimension.
 SPEC = {
     "lam": (0.05, 0.95, False),
     "eps": (0.01, 5.0, True),

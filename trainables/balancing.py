@@ -1,4 +1,4 @@
-"""Weight Balancing's classifier tools (methods.md 5): row norms, MaxNorm, tau-norm, freezing.
+"""Weight Balancing's classifier tools (docs/methods.md 5): row norms, MaxNorm, tau-norm, freezing.
 
 The classifier is an ``nn.Linear`` with weight (C, D): row c is class c's weight vector w_c. All
 in-place edits run under ``no_grad`` and never touch the bias (the paper projects / normalises

@@ -1,7 +1,7 @@
 """Class centroids of the penultimate feature, for DRO-LT and the nearest-class-mean diagnostic.
 
 DRO-LT recomputes the centroids once per epoch with a no-gradient pass in eval mode and keeps
-them fixed for that epoch (methods.md 4). The caller picks the pass: a clean loader (every
+them fixed for that epoch (docs/methods.md 4). The caller picks the pass: a clean loader (every
 training image once, no augmentation) or the augmented class-aware loader of the authors' code.
 """
 

@@ -1,4 +1,4 @@
-"""Class-balanced losses by effective number of samples (Cui et al., CVPR 2019), methods.md 5.
+"""Class-balanced losses by effective number of samples (Cui et al., CVPR 2019), docs/methods.md 5.
 
 Weight Balancing's stage 2 retrains the classifier with these. Two forms:
 

@@ -206,7 +206,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The authors' recipes, for reproduction (methods.md 4 and 5).
+# The authors' recipes, for reproduction (docs/methods.md 4 and 5).
 PRESETS: dict[str, dict[str, Any]] = {
     "dro_lt_paper": {
         "method": "dro_lt",

@@ -1,4 +1,4 @@
-"""Accuracy overall, per class, and by Many / Medium / Few shot (methods.md 1).
+"""Accuracy overall, per class, and by Many / Medium / Few shot (docs/methods.md 1).
 
 Groups come from *training* counts: Many > 100, Few < 20, Medium otherwise. A group with no
 classes has no accuracy (None), not 0. "all" is the mean of per-class accuracies, which equals

@@ -1,4 +1,4 @@
-"""The balanced validation split that keeps model selection off the test set (methods.md 1).
+"""The balanced validation split that keeps model selection off the test set (docs/methods.md 1).
 
 Rule: per class, validation images come from the images the long-tail construction left out; a
 class with too few leftovers (the head class has none) gives up the missing number from its

@@ -1,4 +1,4 @@
-"""ImageNet-LT, Places-LT and iNaturalist 2018 from their list files (methods.md 1).
+"""ImageNet-LT, Places-LT and iNaturalist 2018 from their list files (docs/methods.md 1).
 
 A release is an image root plus list files of `<relative path> <label>` lines. Images are decoded
 with PIL in DataLoader workers (train: RandomResizedCrop + flip; eval: Resize + CenterCrop; both

@@ -1,4 +1,4 @@
-"""The DRO-LT robust representation loss and its per-class radii (methods.md section 4).
+"""The DRO-LT robust representation loss and its per-class radii (docs/methods.md section 4).
 
 For every class c present in a batch B and every sample j in B:
 

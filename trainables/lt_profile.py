@@ -1,4 +1,4 @@
-"""Long-tailed class profiles and the LDAM image selection (methods.md section 1)."""
+"""Long-tailed class profiles and the LDAM image selection (docs/methods.md section 1)."""
 
 from __future__ import annotations
 
