@@ -29,9 +29,11 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -74,13 +76,13 @@ CPU_DATA = {"imbalance": 100.0, "n_max": 1000, "val_per_class": 100, "model": "r
             "device": "cpu"}
 BENCHMARKS = {
     "cifar": Benchmark(
-        "cifar", "cifar10_lt", CPU_DATA, 50,
+        "cifar", "cifar10_lt", CPU_DATA, 30,
         ("ce", "dro_lt_paper", "wb_paper", "sweep:dro_lt", "sweep:wb", "sweep:dro_wb"),
         "CIFAR-10-LT IF 100, ResNet-32, 200 epochs, official pickles (LDAM paper): "
         "cross-entropy 70.36, LDAM-DRW 77.03",
     ),
     "fashion": Benchmark(
-        "fashion", "fashion_mnist_lt", CPU_DATA, 30,
+        "fashion", "fashion_mnist_lt", CPU_DATA, 20,
         ("ce", "dro_lt_paper", "wb_paper", "sweep:dro_wb"),
         "none published for Fashion-MNIST-LT IF 100",
     ),
@@ -146,6 +148,44 @@ def data_dir(bench: Benchmark) -> str:
 
 
 # ---------------------------------------------------------------- running units
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def run_child(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    """subprocess.run, with the child known to `stop_children` (a stopped benchmark leaves no
+    trial or sweep running behind it)."""
+    with _CHILDREN_LOCK:  # no new child once a stop began: it would outlive the benchmark
+        if _STOPPING.is_set():
+            raise RuntimeError("stopping")
+        proc = subprocess.Popen(args, **kwargs)
+        _CHILDREN.add(proc)
+    with proc:
+        try:
+            stdout, stderr = proc.communicate()
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def stop_children(signum: int, _frame: Any) -> None:
+    # SIGTERM lets a sweep stop as it does on Ctrl-C (resumable); trials are simply re-run.
+    with _CHILDREN_LOCK:
+        _STOPPING.set()
+        children = list(_CHILDREN)
+    for child in children:
+        child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    print("\nstopped; finished units are kept: run the same command again to continue",
+          file=sys.stderr, flush=True)
+    os._exit(1)  # worker threads are blocked in communicate(); leave without them
+
 def run_trial_unit(unit: Unit, log_dir: Path) -> dict[str, Any]:
     config = {**unit.config, "seed": unit.seed, "data_dir": data_dir(BENCHMARKS[unit.bench])}
     args = [sys.executable, "-m", "trainables.pipeline", "--json"]
@@ -153,7 +193,8 @@ def run_trial_unit(unit: Unit, log_dir: Path) -> dict[str, Any]:
         if value is not None:
             args += ["--" + name.replace("_", "-"), str(value)]
     start = time.perf_counter()
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=one_thread_env())
+    proc = run_child(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     env=one_thread_env())
     wall = time.perf_counter() - start
     (log_dir / f"{unit.key.replace(':', '_')}.log").write_text(
         shlex.join(args) + "\n\n" + proc.stderr)
@@ -178,8 +219,8 @@ def run_sweep_unit(unit: Unit, storage: Path, log_dir: Path) -> dict[str, Any]:
     with open(log_dir / f"{unit.key.replace(':', '_')}.log", "a") as log:
         log.write(shlex.join(command) + "\n")
         log.flush()
-        proc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env=one_thread_env())
+        proc = run_child(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                         env=one_thread_env())
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{unit.key} sweep exited {proc.returncode}; see its log in "
@@ -336,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="units at once (default: 2)")
     args = parser.parse_args(argv)
 
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_children)
     benches = [BENCHMARKS[key] for key in args.benchmarks.split(",")]
     if any(b.key == "cifar" for b in benches) and not args.cifar_dir:
         parser.error("--cifar-dir is required for the cifar benchmark")
