@@ -218,7 +218,7 @@ def render_report(trials: pd.DataFrame, experiment: str, tracking_uri: str) -> s
         "accuracy for that method, dataset, imbalance factor (IF) and protocol. Test accuracy is "
         "never used to select, except under the paper protocol, where the papers' own practice "
         "(selection on the test set) is reproduced for comparison and labelled so.",
-        "- **published**: methods.md sections 4 and 5 (CIFAR-100-LT, ResNet-32; the Weight "
+        "- **published**: docs/methods.md sections 4 and 5 (CIFAR-100-LT, ResNet-32; the Weight "
         "Balancing authors' code used a ResNet-34). Many / Medium / Few are published at IF 100 "
         "only.",
         "- **gap**: ours minus published, in percentage points, for all / many / med / few.",

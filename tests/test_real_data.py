@@ -369,3 +369,13 @@ def test_list_labels_outside_the_classes_or_without_training_images(list_tree, c
     lists["train"].write_text("\n".join(train) + "\n")
     with pytest.raises(DataError, match=r"class 2 has val images but no training image"):
         build_dataset("imagenet_lt", data_dir=str(root), image_size=16)
+
+
+def test_torchvision_backbones_take_a_grey_folders_one_channel():
+    # an image folder over 64 pixels defaults to ResNet-50; a grey one has one channel
+    import torch
+
+    from trainables.models import create_model
+
+    model = create_model("resnet50", 3, in_channels=1)
+    assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 3)

@@ -92,7 +92,10 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, in_channels: int = 3) -> nn.Module:
         from torchvision import models
 
-        return TorchvisionBackbone(getattr(models, name)(weights=None), num_classes)
+        net = getattr(models, name)(weights=None)
+        if in_channels != 3:  # grey image folders: the stem takes their one channel
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        return TorchvisionBackbone(net, num_classes)
 
     return build
 
