@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fakedata import write_cifar_archive, write_folder_tree, write_idx, write_image_tree
 from PIL import Image
 
@@ -26,6 +27,7 @@ from trainables.cifar import CIFAR10_CLASSES, JPEG_SOURCE
 from trainables.data import DataError, build_dataset
 from trainables.fashion_mnist import SYSTEM_DIR
 from trainables.lt_profile import long_tail_counts
+from trainables.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -373,9 +375,5 @@ def test_list_labels_outside_the_classes_or_without_training_images(list_tree, c
 
 def test_torchvision_backbones_take_a_grey_folders_one_channel():
     # an image folder over 64 pixels defaults to ResNet-50; a grey one has one channel
-    import torch
-
-    from trainables.models import create_model
-
     model = create_model("resnet50", 3, in_channels=1)
     assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 3)
