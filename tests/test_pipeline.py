@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trainables.config import TrialConfig
+from trainables.evaluation import predict
 from trainables.models import create_model
 from trainables.pipeline import TrialRunner, run_trial
 
@@ -227,3 +228,23 @@ def test_cli_runs_weight_balancing_and_prints_the_norm_spread():
     # every row ends inside the MaxNorm ball (printed to 3 decimals)
     assert norms["final"][1] <= radius + 2e-3
     assert norms["final"][1] < high
+
+
+def test_predictions_under_autocast_come_from_float32_logits():
+    # Two classes whose logits differ by 1e-3 at magnitude 10: bf16 rounds both to the same
+    # value and argmax would return class 0; the float32 classifier tells them apart.
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = torch.nn.Linear(1, 2, bias=False)
+            with torch.no_grad():
+                self.classifier.weight.copy_(torch.tensor([[10.0], [10.001]]))
+
+        def features(self, images: torch.Tensor) -> torch.Tensor:
+            return images.flatten(1)
+
+    batches = [(torch.ones(4, 1), torch.ones(4, dtype=torch.long))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert Tiny().classifier(torch.ones(1, 1)).argmax(1).item() == 0  # what bf16 would do
+    predictions, _, _ = predict(Tiny(), batches, autocast=True)
+    assert predictions.tolist() == [1, 1, 1, 1]

@@ -64,7 +64,10 @@ def predict(
         for images, targets in batches:
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
                 features = model.features(images)
-                logits = model.classifier(features)
+            # The classifier in float32: bf16 logits (8 mantissa bits) tie often enough that
+            # argmax, which takes the first maximum, would favour the low (head) class indices.
+            with torch.autocast(images.device.type, enabled=False):
+                logits = model.classifier(features.float())
             preds.append(logits.argmax(1))
             labels.append(targets)
             feats.append(features.float())

@@ -309,7 +309,9 @@ class TrialRunner:
         def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():  # frozen feature extractor, BN in eval mode (see features_frozen)
                 features = model.features(images)
-            return criterion(classifier(features.float()), labels)
+            # the layer this phase trains runs in float32, not in train_epoch's bf16 autocast
+            with torch.autocast(images.device.type, enabled=False):
+                return criterion(classifier(features.float()), labels)
 
         if cfg.cls_reinit and resume is None:
             from trainables.balancing import reinit_classifier_
