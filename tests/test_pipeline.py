@@ -248,3 +248,12 @@ def test_predictions_under_autocast_come_from_float32_logits():
         assert Tiny().classifier(torch.ones(1, 1)).argmax(1).item() == 0  # what bf16 would do
     predictions, _, _ = predict(Tiny(), batches, autocast=True)
     assert predictions.tolist() == [1, 1, 1, 1]
+
+
+def test_the_relative_maxnorm_radius_comes_from_the_trained_rows_even_with_reinit():
+    config = TrialConfig.from_dict({"method": "wb", "epochs": 2, "cls_epochs": 1,
+                                    "cls_reinit": True, "maxnorm_t": 0.5, "device": "cpu"})
+    result = run_trial(config)
+    norms = result["diagnostics"]["weight_norms"]["stage1"]
+    expected = min(norms) + 0.5 * (max(norms) - min(norms))
+    assert result["diagnostics"]["maxnorm_radius"] == pytest.approx(expected, rel=1e-5)

@@ -313,15 +313,16 @@ class TrialRunner:
             with torch.autocast(images.device.type, enabled=False):
                 return criterion(classifier(features.float()), labels)
 
-        if cfg.cls_reinit and resume is None:
-            from trainables.balancing import reinit_classifier_
-
-            reinit_classifier_(classifier)
+        # The relative radius comes from the trained rows, so before any re-initialisation.
         radius = self.diagnostics.get("maxnorm_radius")
         if cfg.maxnorm != "off" and radius is None:
             start_norms = class_row_norms(classifier)
             radius = cfg.maxnorm_radius or relative_maxnorm_radius(start_norms, cfg.maxnorm_t)
             self.diagnostics["maxnorm_radius"] = float(radius)
+        if cfg.cls_reinit and resume is None:
+            from trainables.balancing import reinit_classifier_
+
+            reinit_classifier_(classifier)
 
         def project() -> None:
             maxnorm_project_(classifier, radius)
