@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import signal
 import statistics
@@ -45,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
+from compare_methods import environment  # noqa: E402
+
 from search.options import SWEEP_FILE  # noqa: E402
 from search.sweep import RECORDS_FOLDER  # noqa: E402
 from spaces import get_space  # noqa: E402
@@ -56,6 +57,7 @@ SEEDS = (1, 2, 3)  # the re-run seeds; sweeps search with seed 0, so none is reu
 TRIALS = 8  # trials per sweep
 # Phase-epoch fields of a trial config, in phase order.
 PHASES = ("epochs", "dro_epochs", "cls_epochs")
+READING = "## Reading"
 
 
 @dataclass(frozen=True)
@@ -324,8 +326,7 @@ def _short(value: Any) -> str:
 
 def write_report(out: Path, done: dict[str, dict[str, Any]], benches: list[Benchmark],
                  started: str) -> None:
-    machine = (f"{platform.node()}: {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}), "
-               f"Python {platform.python_version()}, load average at writing "
+    machine = (f"{os.cpu_count()} CPUs, {environment()['machine']}, load average at writing "
                f"{os.getloadavg()[0]:.1f}")
     lines = ["# Real data: sweeps against the papers' recipes at equal compute (CPU protocol)",
              "", f"Measured with `python benchmarks/real_data.py` (started {started}; this file "
@@ -338,7 +339,11 @@ def write_report(out: Path, done: dict[str, dict[str, Any]], benches: list[Bench
                   f"Published reference: {bench.published}.", ""]
         lines += table(bench, done) + [""]
         lines += configs_section(bench, done) + [""]
-    (out / "real_data.md").write_text("\n".join(lines))
+    # A hand-written "## Reading" section at the end survives the rewrite.
+    path = out / "real_data.md"
+    previous = path.read_text() if path.is_file() else ""
+    reading = previous[previous.index(READING):] if READING in previous else ""
+    path.write_text("\n".join(lines) + ("\n" + reading if reading else ""))
 
 
 # ---------------------------------------------------------------- main
