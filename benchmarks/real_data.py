@@ -326,8 +326,9 @@ def _short(value: Any) -> str:
 
 def write_report(out: Path, done: dict[str, dict[str, Any]], benches: list[Benchmark],
                  started: str) -> None:
-    machine = (f"{os.cpu_count()} CPUs, {environment()['machine']}, load average at writing "
-               f"{os.getloadavg()[0]:.1f}")
+    cpu, *versions = environment()["machine"].split(", ")
+    machine = (f"{os.cpu_count()} CPUs ({cpu}), {', '.join(versions[1:])}; each trial one torch "
+               f"thread, two at a time; load average at writing {os.getloadavg()[0]:.1f}")
     lines = ["# Real data: sweeps against the papers' recipes at equal compute (CPU protocol)",
              "", f"Measured with `python benchmarks/real_data.py` (started {started}; this file "
              "is rewritten after every finished unit). Machine: " + machine + ".",
