@@ -25,6 +25,7 @@ short is continued with `--resume`. The table is rewritten after every unit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -372,6 +373,7 @@ def plan_units(benches: list[Benchmark], done: dict[str, dict[str, Any]],
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SEEDS, TRIALS  # the protocol's constants, overridable for a smoke run
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cifar-dir", help="the extracted CIFAR-10 JPEG tree (cifar10-jpg/)")
     parser.add_argument("--fashion-dir", default="/usr/share/datasets/fashion-mnist",
@@ -381,7 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", default="cifar,fashion", help="cifar, fashion or both")
     parser.add_argument("--rows", help="only these rows, e.g. cifar:ce,fashion:sweep:dro_wb")
     parser.add_argument("--parallel", type=int, default=2, help="units at once (default: 2)")
+    # Smaller than the protocol, for a smoke test; the table then says what was run.
+    parser.add_argument("--epochs", type=int, help="epochs per trial instead of the protocol's")
+    parser.add_argument("--n-max", type=int, help="n_max instead of the protocol's")
+    parser.add_argument("--trials", type=int, default=TRIALS, help="trials per sweep")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="re-run seeds")
     args = parser.parse_args(argv)
+    SEEDS, TRIALS = tuple(int(s) for s in args.seeds.split(",")), args.trials
+    for key, bench in BENCHMARKS.items():
+        data = {**bench.data, **({"n_max": args.n_max} if args.n_max else {})}
+        BENCHMARKS[key] = dataclasses.replace(bench, data=data,
+                                              budget=args.epochs or bench.budget)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop_children)
