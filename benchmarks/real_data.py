@@ -314,7 +314,11 @@ def configs_section(bench: Benchmark, done: dict[str, dict[str, Any]]) -> list[s
         if sweep is None:
             continue
         space = get_space(row.split(":", 1)[1])
-        chosen = {d.name: sweep["best_config"].get(d.name) for d in space.dimensions}
+        config = sweep["best_config"]
+        # a derived dimension is stored as the field it sets (cb_one_minus_beta as cb_beta)
+        chosen = {d.name: config.get(d.name, None) for d in space.dimensions}
+        if "cb_one_minus_beta" in chosen and config.get("cb_beta") is not None:
+            chosen["cb_one_minus_beta"] = 1.0 - config["cb_beta"]
         lines.append(f"- `{row}`: {sweep['trials']} trials; best on validation "
                      f"(val all {100 * sweep['best_val']['all']:.1f}): "
                      + ", ".join(f"{k}={_short(v)}" for k, v in chosen.items()))
