@@ -316,7 +316,8 @@ def configs_section(bench: Benchmark, done: dict[str, dict[str, Any]]) -> list[s
         space = get_space(row.split(":", 1)[1])
         config = sweep["best_config"]
         # a derived dimension is stored as the field it sets (cb_one_minus_beta as cb_beta)
-        chosen = {d.name: config.get(d.name, None) for d in space.dimensions}
+        chosen = {d.name: config.get(d.name, None) for d in space.dimensions
+                  if not d.when or config.get(d.when[0]) in d.when[1]}  # sampled ones only
         if "cb_one_minus_beta" in chosen and config.get("cb_beta") is not None:
             chosen["cb_one_minus_beta"] = 1.0 - config["cb_beta"]
         lines.append(f"- `{row}`: {sweep['trials']} trials; best on validation "
@@ -335,8 +336,9 @@ def write_report(out: Path, done: dict[str, dict[str, Any]], benches: list[Bench
     machine = (f"{os.cpu_count()} CPUs ({cpu}), {', '.join(versions[1:])}; each trial one torch "
                f"thread, two at a time; load average at writing {os.getloadavg()[0]:.1f}")
     lines = ["# Real data: sweeps against the papers' recipes at equal compute (CPU protocol)",
-             "", f"Measured with `python benchmarks/real_data.py` (started {started}; this file "
-             "is rewritten after every finished unit). Machine: " + machine + ".",
+             "", f"Measured with `python benchmarks/real_data.py` (units in "
+             f"`real_data/units.jsonl`; this file last written {started}). Machine: "
+             + machine + ".",
              "Protocol: docs/real_data.md. Test accuracy in %, mean ± sample std over seeds "
              f"{', '.join(map(str, SEEDS))}; selection on validation only.", ""]
     for bench in benches:
