@@ -37,6 +37,9 @@ from ray.tune.utils.util import unflatten_dict
 from trainables.tune import trial_status
 
 log = logging.getLogger(__name__)
+# TPE's own default is 10 random trials before it models anything: a default 8-trial sweep would
+# be pure random search. A third of the budget (at least 2, at most 10) explores at random.
+MAX_STARTUP_TRIALS = 10
 KEY = "trial_key"  # the config entry naming a trial's records (MLflow run, end record)
 METRIC_NAME = "val_all"  # the objective (search.scheduler.METRIC)
 OPTUNA_STATE = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED,
@@ -191,3 +194,9 @@ def _tell(study: Any, frozen: FrozenTrial, status: str, value: Any) -> None:
     # Optuna has no public setter for a trial known only by number; the storage call is it.
     study._storage.set_trial_user_attr(frozen._trial_id, "tailtune_status", status)
     study.tell(frozen.number, value if state == TrialState.COMPLETE else None, state=state)
+
+
+def tpe_sampler(seed: int, num_samples: int) -> optuna.samplers.TPESampler:
+    """Seeded TPE that starts modelling after a third of the sweep's trials."""
+    startup = max(2, min(MAX_STARTUP_TRIALS, num_samples // 3))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)

@@ -158,7 +158,7 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from search.callbacks import MlflowSweepCallback, ProgressCallback
-    from search.optuna_search import StatusOptunaSearch
+    from search.optuna_search import StatusOptunaSearch, tpe_sampler
     from trainables.tune import TrialRuntime, train_trial
 
     options = plan.options
@@ -178,7 +178,8 @@ def build_tuner(plan: SweepPlan, resources: Any) -> Any:
                                grace_period=options.grace_period,
                                reduction_factor=options.reduction_factor)
     searcher = StatusOptunaSearch(
-        Sampler(options.space, plan.fixed), metric=METRIC, mode=MODE, seed=options.seed,
+        Sampler(options.space, plan.fixed), metric=METRIC, mode=MODE,
+        sampler=tpe_sampler(options.seed, options.num_samples),
         study_name=options.name, storage=optuna.storages.RDBStorage(plan.optuna_url),
         report_epochs=plan.rungs,
     )

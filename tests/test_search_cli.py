@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
 from search.cluster import fit_resources
 from search.options import SweepOptions, UsageError, parse_options
+from search.optuna_search import tpe_sampler
 from search.run import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,3 +145,18 @@ def test_default_resources_fall_back_to_the_cpu_and_share_gpus() -> None:
     assert (packed.gpus, packed.max_concurrent) == (0.25, 4)  # four trials on one GPU
     with pytest.raises(UsageError, match="--cpus-per-trial 4 is more than the 2 CPUs"):
         fit_resources(_options(cpus_per_trial=4.0), {"CPU": 2.0})
+
+
+def test_a_default_sized_sweep_is_modelled_by_tpe_not_drawn_at_random():
+    # Optuna's TPE draws its first 10 trials at random: an 8-trial sweep would never be modelled.
+    def objective(trial: optuna.Trial) -> float:
+        return -(trial.suggest_float("x", 0.0, 1.0) - 0.8) ** 2
+
+    studies = {}
+    for name, sampler in (("ours", tpe_sampler(0, 8)),
+                          ("optuna default", optuna.samplers.TPESampler(seed=0))):
+        studies[name] = optuna.create_study(direction="maximize", sampler=sampler)
+        studies[name].optimize(objective, n_trials=8)
+    ours, default = ([t.params["x"] for t in s.trials] for s in studies.values())
+    assert ours[:2] == default[:2]  # the same seeded random start-up draws
+    assert ours[2:] != default[2:]  # then TPE proposes, where the default still draws at random
