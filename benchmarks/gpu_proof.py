@@ -45,7 +45,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -671,22 +671,10 @@ def cache_check(base: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 # ==================================================================== stage: throughput
-@contextlib.contextmanager
-def compiled_models(mode: str | None, backend: str) -> Iterator[None]:
-    """throughput.measure() builds its own model; swapping the builder it calls is how a
-    compiled model gets into the very same step and schedule."""
-    original = throughput.create_model
-
-    def build(*args: Any, **kwargs: Any) -> torch.nn.Module:
-        options = {"mode": mode} if backend == "inductor" and mode else {}
-        return torch.compile(original(*args, **kwargs), backend=backend, dynamic=False,
-                             **options)
-
-    throughput.create_model = build
-    try:
-        yield
-    finally:
-        throughput.create_model = original
+def compiler(mode: str | None, backend: str) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """The `wrap` for throughput.measure(): the same model, compiled."""
+    options = {"mode": mode} if backend == "inductor" and mode else {}
+    return lambda model: torch.compile(model, backend=backend, dynamic=False, **options)
 
 
 def stage_throughput(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
@@ -781,8 +769,8 @@ def compile_worker(args: argparse.Namespace, sizes: Sizes) -> int:
         batches = dataset.loader("train", batch_size=sizes.batch_size, device=device,
                                  augment=True, sampler="instance", shuffle=True)
         started = time.perf_counter()
-        with compiled_models(args.compile_mode, args.compile_backend):
-            stats = throughput.measure(batches, device, sizes.steps, sizes.compiled_warmup)
+        stats = throughput.measure(batches, device, sizes.steps, sizes.compiled_warmup,
+                                   wrap=compiler(args.compile_mode, args.compile_backend))
         record.update(
             status="ok",
             images_per_s=stats.images_per_second,

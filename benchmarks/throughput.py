@@ -26,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -153,10 +154,16 @@ def measure(
     steps: int,
     warmup: int,
     seed: int = 0,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> EpochStats:
-    """Stage-1 steps (CE, SGD, LDAM schedule) over `batches`; stats of the steps after warm-up."""
+    """Stage-1 steps (CE, SGD, LDAM schedule) over `batches`; stats of the steps after warm-up.
+
+    `wrap` turns the built model into the one that trains (e.g. `torch.compile`), so a variant
+    runs the very same step and schedule."""
     torch.manual_seed(seed)
     model = create_model("resnet32", NUM_CLASSES).to(device)
+    if wrap is not None:
+        model = wrap(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model.train()
