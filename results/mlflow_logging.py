@@ -60,12 +60,13 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from search.ledger import Status
 from trainables.evaluation import FEW_THRESHOLD, MANY_THRESHOLD
 
 ROLE, SWEEP, STATUS = "tailtune.role", "tailtune.sweep", "tailtune.status"
 TRIAL_ID = "tailtune.trial_id"
 PARENT = "mlflow.parentRunId"
-TRIAL_STATUSES = ("completed", "stopped_early", "diverged", "failed")
+TRIAL_STATUSES = tuple(status.value for status in Status if status.ended)
 INTERRUPTED = "interrupted"  # a trial's status while its sweep waits for --resume
 ENDED_RUN_STATUSES = ("FINISHED", "FAILED")  # MLflow statuses of runs that are final
 EPOCH_METRICS = ("val_all", "val_many", "val_medium", "val_few", "train_loss", "lr",
@@ -118,19 +119,9 @@ class SweepRecorder:
         return self.parent_id
 
     def finish(self, status: str, summary: Mapping[str, float] | None = None) -> None:
-        """Close the sweep; the parent gets `status`. Children still running were stopped
-        before their end: by the time budget when the sweep completed (stopped_early,
-        FINISHED), else by the interruption (interrupted, KILLED: --resume reopens them)."""
+        """Close the sweep; the parent gets `status`. Its trials' runs are closed before, from
+        the ledger (search.book)."""
         self.flush()
-        for run in self._search(f"tags.`{PARENT}` = '{self.parent_id}'"):
-            if run.info.status == "RUNNING":
-                trial_id = run.data.tags.get(TRIAL_ID, "")
-                ended = status == "completed"
-                self.client.set_tag(run.info.run_id, STATUS,
-                                    "stopped_early" if ended else INTERRUPTED)
-                self.client.set_terminated(run.info.run_id,
-                                           status="FINISHED" if ended else "KILLED")
-                self._children.pop(trial_id, None)
         if summary:
             self._log_metrics(self.parent_id, summary, step=0)
         self.client.set_tag(self.parent_id, STATUS, status)
@@ -141,7 +132,7 @@ class SweepRecorder:
     def trial_run(self, trial_id: str, config: Mapping[str, Any],
                   tags: Mapping[str, Any] | None = None) -> str:
         """The child run of a trial: the existing one (resume, retry) or a new one. An existing
-        run that has ended is returned as it is and stays untouched (see `is_ended`)."""
+        run that has ended is returned as it is and stays untouched."""
         if trial_id in self._children:
             return self._children[trial_id]
         found = self._find(trial_id)
@@ -175,14 +166,16 @@ class SweepRecorder:
             RunTag(key, str(value)) for key, value in {**reopen_tags, STATUS: "running"}.items()])
         return run_id
 
-    def finish_from_record(self, trial_id: str, record: Mapping[str, Any]) -> str | None:
-        """Close the trial's run from its end record (trainables.tune) when the driver missed
-        the end (an interrupt, the time budget): the epochs it lacks, final metrics, status.
-        Returns the run id, or None when there is no open run to close."""
+    def finish_from_record(self, trial_id: str, record: Mapping[str, Any],
+                           config: Mapping[str, Any]) -> str | None:
+        """Close the trial's run from its ledger end (search.ledger): the epochs it lacks,
+        final metrics, status. Idempotent: returns the run id, or None when the run had ended
+        already (nothing is written). A trial without a run yet (its driver died before the
+        trial started) gets one, with `config` as its params."""
         found = self._find(trial_id)
-        if not found or found[0].info.status in ENDED_RUN_STATUSES:
+        if found and found[0].info.status in ENDED_RUN_STATUSES:
             return None
-        self.trial_run(trial_id, {})  # reopens it (the config is only for a new run)
+        self.trial_run(trial_id, config)
         result = record["result"]
         for entry in [*(record.get("history") or []), result]:
             if "epoch" in entry:
@@ -199,10 +192,14 @@ class SweepRecorder:
         """Whether this recorder has found or made the trial's run."""
         return trial_id in self._children
 
-    def is_ended(self, trial_id: str) -> bool:
-        """Whether the trial's run has ended (here, or before a restart): nothing more is
-        written to it."""
-        return trial_id in self._ended
+    def suspend_trial(self, trial_id: str) -> None:
+        """The sweep stopped before this trial ended: its run waits, KILLED and tagged
+        interrupted, for --resume to reopen it."""
+        found = self._find(trial_id)
+        if found and found[0].info.status == "RUNNING":
+            self.client.set_tag(found[0].info.run_id, STATUS, INTERRUPTED)
+            self.client.set_terminated(found[0].info.run_id, status="KILLED")
+        self._children.pop(trial_id, None)
 
     def log_epoch(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
         """One epoch's metrics at step = epoch (buffered up to flush_interval_s); epochs logged

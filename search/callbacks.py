@@ -1,7 +1,10 @@
-"""Driver-side Tune callbacks: MLflow records and end records of every trial, and progress lines.
+"""The driver's Tune callback: what Tune sees of each trial goes to the book (search.book), and
+one progress line per trial start and end plus a status line every `every` seconds.
 
-Both are pickled into the Tune experiment (Tuner.restore brings them back), so they hold only
-plain settings and open their connections lazily.
+Tune reports; the ledger decides. A trial's end reaches `SweepBook.end`, which keeps the end the
+trial wrote itself (completed, diverged) or records the one the driver saw (stopped early,
+failed). A trial that failed because the disk is full is not ended: the sweep stops
+("interrupted") so that --resume runs it again once there is space.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 from ray.tune.result import AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, TRIAL_ID
 
-from search.optuna_search import KEY
+from search.book import KEY, SweepBook
+from search.ledger import Status
 from search.trials import own_result, trial_key
-from trainables.tune import BACKFILL, read_record, trial_status, write_record
 
 log = logging.getLogger(__name__)
 # Where a trial runs, tagged on its MLflow run whenever it changes (a retry may move it):
@@ -26,107 +29,109 @@ log = logging.getLogger(__name__)
 PLACEMENT = ("node_id", "node_ip", "pid")
 # What Tune adds to a trial's results: not part of the trial's own record.
 TUNE_KEYS = frozenset({*AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, TRIAL_ID})
+DISK_FULL = ("No space left on device", "Disk quota exceeded")
 
 
-class MlflowSweepCallback(Callback):
-    """Parent run per sweep, child run per trial keyed by the trial key (see
-    results.mlflow_logging for the schema). A retried or restored trial continues its run; a
-    trial already finished in MLflow is never reopened.
+class StopAll(Stopper):
+    """Stops the whole experiment once `reason` is set (e.g. the disk is full)."""
 
-    With `records_dir`, trials that end without writing their own end record (stopped early,
-    failed) get one here (trainables.tune explains the records). With `plots`, a finished
-    trial's plots (results.plots) are logged to its run; a plotting error is only a warning.
-    """
+    def __init__(self) -> None:
+        self.reason: str | None = None
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep_name: str,
-                 tags: Mapping[str, Any], params: Mapping[str, Any],
-                 records_dir: str | None = None, plots: bool = False) -> None:
-        self.settings = dict(tracking_uri=tracking_uri, experiment=experiment,
-                             sweep_name=sweep_name, tags=dict(tags))
-        self.params = dict(params)
-        self.records_dir = records_dir
-        self.plots = plots
-        self._recorder = None
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.reason is not None
+
+
+class LedgerCallback(Callback):
+    def __init__(self, book: SweepBook, num_samples: int, stopper: StopAll,
+                 every: float = 30.0) -> None:
+        self.book = book
+        self.num_samples = num_samples
+        self.stopper = stopper
+        self.every = every
         self._placement: dict[str, dict[str, Any]] = {}
+        self._started = self._last_line = time.monotonic()
+        ended = [e for e in book.ledger.entries() if e.status.ended]
+        self._ended = len(ended)  # a resumed sweep counts the trials that ended before
+        self._best = max((e.value for e in ended if e.value is not None), default=None)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"settings": self.settings, "params": self.params,
-                "records_dir": self.records_dir, "plots": self.plots}
+    def __getstate__(self) -> dict:
+        return {}  # see SweepBook.__getstate__
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state["settings"], params=state["params"],
-                      records_dir=state.get("records_dir"), plots=state.get("plots", False))
-
-    @property
-    def recorder(self):
-        if self._recorder is None:
-            from results.mlflow_logging import SweepRecorder
-
-            self._recorder = SweepRecorder(**self.settings)
-            self._recorder.start(self.params)
-        return self._recorder
-
-    def setup(self, **info: Any) -> None:
-        self.recorder  # noqa: B018 - find or create the parent run before any trial
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        # also after an interrupt: the epochs still buffered are written, not lost
-        self.recorder.flush()
-
-    def _run(self, trial: Any) -> str:
-        key = trial_key(trial)
-        if not self.recorder.has_run(key):
-            from trainables.config import TrialConfig
-
-            # the full config: the sampled one with every default the pipeline will use
-            config = TrialConfig.from_dict(trial.config["trial"]).to_dict()
-            self.recorder.trial_run(key, config)
-        return key
-
+    # ---------------------------------------------------------------- Tune's events
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run(trial)
+        self.book.started(trial_key(trial), trial.config["trial"])
+        params = " ".join(f"{k}={_short(v)}" for k, v in trial.config.items()
+                          if k not in ("trial", KEY))
+        _say(f"{self._clock()} trial {trial_key(trial)} started  {params}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        key = self._run(trial)
+        key = trial_key(trial)
         self._tag_placement(key, result)
-        for earlier in result.get(BACKFILL) or ():  # epochs a restart may have lost
-            self.recorder.log_epoch(key, earlier)
-        if "epoch" in result:
-            self.recorder.log_epoch(key, result)
+        self.book.epoch(key, result)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        # the worker died or raised; Tune runs the trial again from its last checkpoint
-        key = self._run(trial)
-        self.recorder.set_tag(key, "retries", trial.num_failures)
+        # the worker died or raised; Tune runs the trial again, from its ledger checkpoint
+        key = trial_key(trial)
+        self.book.recorder.set_tag(key, "retries", trial.num_failures)
+        _say(f"{self._clock()} trial {key} failed (attempt {trial.num_failures}); "
+             "retrying from its last checkpoint")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, error=None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, error=_error_text(trial))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_line >= self.every:
+            self._last_line = now
+            running = sum(1 for t in trials if t.status == "RUNNING")
+            best = f"{self._best:.4f}" if self._best is not None else "-"
+            _say(f"{self._clock()} {self._ended}/{self.num_samples} trials ended, {running} "
+                 f"running, best completed val_all {best}")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.book.recorder.flush()  # also after an interrupt: buffered epochs are not lost
+
+    # ---------------------------------------------------------------- helpers
+    def _end(self, trial: Any, error: str | None) -> None:
+        key, last = trial_key(trial), own_result(trial)
+        if error is not None and any(text in error for text in DISK_FULL):
+            # not the trial's fault: it stays unfinished and the sweep stops for --resume
+            self.stopper.reason = error.strip().splitlines()[-1]
+            _say(f"{self._clock()} trial {key} could not write: {self.stopper.reason}")
+            return
+        self._tag_placement(key, last)
+        own = {name: value for name, value in last.items() if name not in TUNE_KEYS}
+        status = self.book.end(key, own, error=error, failed=error is not None)
+        self._ended += 1
+        entry = self.book.ledger.entry(key)
+        if entry is not None and entry.value is not None:
+            self._best = entry.value if self._best is None else max(self._best, entry.value)
+        shown = entry.result if entry is not None else own
+        val = shown.get("val_all")
+        where = f"epoch {shown.get('epoch', 0)}/{shown.get('total_epochs', '?')}"
+        score = f"val_all {val:.4f}" if isinstance(val, float) else "no result"
+        why = f"  ({_last_line(error)})" if status is Status.FAILED and error else ""
+        _say(f"{self._clock()} [{self._ended}/{self.num_samples}] trial {key} "
+             f"{status.value:<13} {score}  {where}{why}")
 
     def _tag_placement(self, key: str, result: Mapping[str, Any]) -> None:
         now = {name: result[name] for name in PLACEMENT if result.get(name)}
         if now and self._placement.get(key) != now:
             for name, value in now.items():
-                self.recorder.set_tag(key, name, value)
+                self.book.recorder.set_tag(key, name, value)
             self._placement[key] = now
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, error=False)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, error=True)
-
-    def _finish(self, trial: Any, error: bool) -> None:
-        key = self._run(trial)
-        last = own_result(trial)
-        status = trial_status(last, error)
-        message = _error_text(trial) if error else None
-        if self.records_dir is not None and read_record(self.records_dir, key) is None:
-            # completed and diverged trials wrote theirs before their last report
-            own = {name: value for name, value in last.items() if name not in TUNE_KEYS}
-            write_record(self.records_dir, key, status, own, message)
-        self._tag_placement(key, last)
-        outcome = last.get("outcome") if status in ("completed", "diverged") else None
-        run_id = self.recorder.finish_trial(key, status, last, outcome, message)
-        if self.plots and outcome and run_id:
-            log_trial_plots(self.recorder.client, run_id, outcome)
+    def _clock(self) -> str:
+        seconds = int(time.monotonic() - self._started)
+        return f"[{seconds // 60:3d}m{seconds % 60:02d}s]"
 
 
 def log_trial_plots(client: Any, run_id: str, outcome: Mapping[str, Any]) -> None:
@@ -148,81 +153,9 @@ def _error_text(trial: Any) -> str:
     return "trial failed (see the Tune trial folder)"
 
 
-class ProgressCallback(Callback):
-    """One line when a trial starts or ends, and a status line every `every` seconds."""
-
-    def __init__(self, num_samples: int, every: float = 30.0) -> None:
-        self.num_samples = num_samples
-        self.every = every
-        self._started = time.monotonic()
-        self._last = self._started
-        self._ended: dict[str, str] = {}
-        self._best: float | None = None
-        self._counted_restored = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "every": self.every}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        params = _params_text(trial.config)
-        _say(f"{self._clock()} trial {trial_key(trial)} started  {params}")
-
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _say(f"{self._clock()} trial {trial_key(trial)} failed (attempt {trial.num_failures}); "
-             "retrying from its last checkpoint")
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._ended_line(trial, error=False)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._ended_line(trial, error=True)
-
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        if self._counted_restored:
-            return
-        self._counted_restored = True  # a resumed sweep counts the trials that ended before
-        for trial in trials:
-            if trial.status in ("TERMINATED", "ERROR"):
-                last, key = own_result(trial), trial_key(trial)
-                self._ended[key] = trial_status(last, trial.status == "ERROR")
-                self._note_best(self._ended[key], last.get("val_all"))
-
-    def _note_best(self, status: str, val: Any) -> None:
-        if status == "completed" and isinstance(val, float):
-            self._best = val if self._best is None else max(self._best, val)
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        now = time.monotonic()
-        if now - self._last < self.every:
-            return
-        self._last = now
-        running = sum(1 for t in trials if t.status == "RUNNING")
-        best = f"{self._best:.4f}" if self._best is not None else "-"
-        _say(f"{self._clock()} {len(self._ended)}/{self.num_samples} trials ended, {running} "
-             f"running, best completed val_all {best}")
-
-    def _ended_line(self, trial: Any, error: bool) -> None:
-        last = own_result(trial)
-        status = trial_status(last, error)
-        key = trial_key(trial)
-        self._ended[key] = status
-        val = last.get("val_all")
-        self._note_best(status, val)
-        where = f"epoch {last.get('epoch', 0)}/{last.get('total_epochs', '?')}"
-        score = f"val_all {val:.4f}" if isinstance(val, float) else "no result"
-        _say(f"{self._clock()} [{len(self._ended)}/{self.num_samples}] trial {key} "
-             f"{status:<13} {score}  {where}")
-
-    def _clock(self) -> str:
-        seconds = int(time.monotonic() - self._started)
-        return f"[{seconds // 60:3d}m{seconds % 60:02d}s]"
-
-
-def _params_text(config: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={_short(v)}" for k, v in config.items() if k not in ("trial", KEY))
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
 
 
 def _short(value: Any) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from search.options import resume_hint
-from search.summary import best_line, leaderboard, rows_from_results
-from search.sweep import TUNE_FOLDER, SweepOutcome, SweepPlan
+from search.plan import SweepPlan
+from search.summary import best_line, leaderboard, rows_from_entries
+from search.sweep import SweepOutcome
 
 
 def header(plan: SweepPlan, resources: Any) -> str:
@@ -39,17 +40,20 @@ def final_report(plan: SweepPlan, outcome: SweepOutcome) -> str:
     o = plan.options
     protocol = plan.dataset["protocol"]
     lines = [f"Sweep {o.name} {outcome.status} in {outcome.wall_seconds:.1f} s", ""]
-    if outcome.results is not None:
-        rows = rows_from_results(outcome.results, interrupted=outcome.status != "completed",
-                                 records=outcome.records)
+    if outcome.entries:
+        rows = rows_from_entries(outcome.entries)
         lines += [leaderboard(rows, o.top, protocol), "", best_line(rows, protocol), ""]
+    if outcome.reason:
+        lines.append(f"Why it ended: {outcome.reason}")
     lines += [
-        f"Tune results:  {plan.sweep_dir / TUNE_FOLDER}",
+        f"Trial ledger:  {plan.ledger.folder}",
         f"Optuna study:  {o.name!r} in {plan.optuna_url}",
         f"MLflow:        {plan.tracking_uri}, experiment {o.experiment!r}, parent run "
         f"{outcome.parent_run_id}",
         f"               (browse: mlflow ui --backend-store-uri {plan.tracking_uri})",
     ]
-    if outcome.status != "completed":  # last, where a user looks first
+    if outcome.status == "failed":  # last, where a user looks first
+        lines.append(f"Sweep failed: {outcome.reason}")
+    elif outcome.status != "completed":
         lines.append(f"Sweep {outcome.status}: {resume_hint(o)}")
     return "\n".join(lines)

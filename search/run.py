@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from search.cluster import check_local_gpus
         from search.environment import check_storage, check_tracking
-        from search.sweep import plan_sweep
+        from search.plan import plan_sweep
 
         plan = plan_sweep(options)
         check_local_gpus(options)
@@ -76,9 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     except _input_errors() as exc:
         return _fail(exc)
 
+    from search.plan import claim_sweep
+
+    try:
+        claim = claim_sweep(options)  # one driver per sweep, before Ray starts
+    except _input_errors() as exc:
+        return _fail(exc)
     previous = _sigterm_as_interrupt()
     try:
-        return _run(options, plan)
+        return _run(options, plan, claim)
     except KeyboardInterrupt:  # before the sweep started, or after it ended
         print(f"{PROG}: interrupted" + (f"; {resume_hint(options)}"
                                         if options.sweep_dir.exists() else ""), file=sys.stderr)
@@ -88,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run(options, plan) -> int:
+def _run(options, plan, claim) -> int:
     from search.cluster import connect, fit_resources
 
     try:
         cluster = connect(options.address)  # imports Ray: after the checks, for a quick refusal
     except _input_errors() as exc:
+        claim.abandon()
         return _fail(exc)
     _sigterm_as_interrupt()  # again: ray.init replaced it with a plain exit (no records closed)
     import ray
@@ -104,6 +111,7 @@ def _run(options, plan) -> int:
         try:
             resources = fit_resources(options, cluster)
         except UsageError as exc:
+            claim.abandon()
             return _fail(exc)
         print(header(plan, resources), flush=True)
         from search.environment import SetupError
@@ -111,7 +119,8 @@ def _run(options, plan) -> int:
 
         try:
             outcome = run_sweep(plan, resources)
-        except SetupError as exc:  # MLflow refused the sweep's first record
+        except SetupError as exc:  # the study or MLflow refused the sweep's first record
+            claim.abandon()
             return _fail(exc)
         print(final_report(plan, outcome), flush=True)
         return 0 if outcome.status == "completed" else 1

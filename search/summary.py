@@ -1,30 +1,27 @@
 """The end-of-sweep report: a leaderboard of the top trials and the best trial's test accuracy.
 
-Ranking: completed trials by final validation accuracy first; then trials stopped early, which
-are ranked by the accuracy they had when stopped (not comparable with a finished trial's, hence
-below them); then trials an interrupted sweep left unfinished; then diverged and failed ones.
-Test accuracy is reported, never used to rank.
+Rows come from the ledger (search.ledger), ranked in its one status order: completed trials by
+final validation accuracy first; then trials stopped early, ranked by the accuracy they had when
+stopped (not comparable with a finished trial's, hence below them); then trials an interrupted
+sweep left unfinished; then diverged and failed ones. Test accuracy is reported, never used to
+rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.optuna_search import KEY
-from search.trials import grid_trials, own_result, trial_key
-from trainables.tune import trial_status
+from search.ledger import ORDER, Entry, Status
 
-STATUS_ORDER = ("completed", "stopped_early", "unfinished", "diverged", "failed")
-ENDED = ("TERMINATED", "ERROR")  # Tune trial states of trials that will not run again
 GROUPS = ("all", "many", "medium", "few")
 
 
 @dataclass
 class TrialRow:
     trial_id: str
-    status: str
+    status: Status
     epochs: int
     total_epochs: int
     val: dict[str, float | None]
@@ -32,31 +29,19 @@ class TrialRow:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def rows_from_results(results: Any, interrupted: bool = False,
-                      records: Mapping[str, Mapping[str, Any]] | None = None) -> list[TrialRow]:
-    """TrialRows from a Tune ResultGrid, ranked (see the module docstring).
-
-    `records`: trial key -> end record (trainables.tune) of the trials that have ended; a
-    record is the truth about its trial (the driver may have stopped before it saw the end).
-    Without records, Tune's trial states say which trials ended (they count an interrupted
-    trial as ended). Trials not ended are "unfinished" when the sweep was interrupted
-    (--resume goes on with them), else "stopped_early" (the time budget ended them)."""
+def rows_from_entries(entries: Sequence[Entry]) -> list[TrialRow]:
+    """TrialRows from the ledger's entries, ranked (see the module docstring)."""
     rows = []
-    for trial in grid_trials(results):
-        key, metrics = trial_key(trial), own_result(trial)
-        status = trial_status(metrics, trial.status == "ERROR")
-        if records is not None and key in records:
-            status, metrics = records[key]["status"], records[key]["result"]
-        elif records is not None or trial.status not in ENDED:
-            status = "unfinished" if interrupted else "stopped_early"
+    for entry in entries:
+        metrics = entry.result
         rows.append(TrialRow(
-            trial_id=key,
-            status=status,
+            trial_id=entry.key,
+            status=entry.status,
             epochs=int(metrics.get("epoch") or 0),
             total_epochs=int(metrics.get("total_epochs") or 0),
             val={g: metrics.get(f"val_{g}") for g in GROUPS},
             test={g: metrics.get(f"test_{g}") for g in GROUPS},
-            params={k: v for k, v in (trial.config or {}).items() if k not in ("trial", KEY)},
+            params=dict(entry.params),
         ))
     return rank(rows)
 
@@ -64,13 +49,13 @@ def rows_from_results(results: Any, interrupted: bool = False,
 def rank(rows: Sequence[TrialRow]) -> list[TrialRow]:
     def key(row: TrialRow) -> tuple[int, float]:
         val = row.val.get("all")
-        return STATUS_ORDER.index(row.status), -(val if isinstance(val, float) else -1.0)
+        return row.status.rank, -(val if isinstance(val, float) else -1.0)
 
     return sorted(rows, key=key)
 
 
 def best_completed(rows: Sequence[TrialRow]) -> TrialRow | None:
-    return next((row for row in rank(rows) if row.status == "completed"), None)
+    return next((row for row in rank(rows) if row.status is Status.COMPLETED), None)
 
 
 def leaderboard(rows: Sequence[TrialRow], top: int, protocol: str) -> str:
@@ -80,15 +65,16 @@ def leaderboard(rows: Sequence[TrialRow], top: int, protocol: str) -> str:
               *names]
     table = [header]
     for position, row in enumerate(ranked, 1):
-        table.append([str(position), row.trial_id, row.status, f"{row.epochs}/{row.total_epochs}",
+        epochs = f"{row.epochs}/{row.total_epochs}" if row.total_epochs else "-"
+        table.append([str(position), row.trial_id, row.status.value, epochs,
                       *(_pct(row.val[g]) for g in GROUPS),
                       *(_value(row.params.get(n)) for n in names)])
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
              for line in table]
     label = "validation" if protocol == "holdout" else "TEST SET (paper protocol)"
-    counts = ", ".join(f"{sum(r.status == s for r in rows)} {s}" for s in STATUS_ORDER
-                       if any(r.status == s for r in rows))
+    counts = ", ".join(f"{sum(r.status is s for r in rows)} {s.value}" for s in ORDER
+                       if any(r.status is s for r in rows))
     title = (f"Leaderboard: top {len(ranked)} of {len(rows)} trials ({counts}), "
              f"ranked by {label} accuracy (%)")
     return "\n".join([title, *lines])

@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.tune.result import TRIAL_ID
 
-from search.optuna_search import KEY
+from search.book import KEY
 
 
 def trial_key(trial: Any) -> str:
@@ -26,7 +26,3 @@ def own_result(trial: Any) -> dict[str, Any]:
     result = trial.last_result or {}
     return dict(result) if result.get(TRIAL_ID, trial.trial_id) == trial.trial_id else {}
 
-
-def grid_trials(results: Any) -> list[Any]:
-    """The Tune trials behind a ResultGrid (its analysis keeps them, in the same order)."""
-    return list(results._experiment_analysis.trials)

@@ -13,41 +13,50 @@ images/s, the phase) plus:
 
 The last epoch is reported after the pipeline returns, together with the test accuracy and the
 `outcome` (val/test reports with per-class accuracy, class counts, diagnostics, config), so the
-driver sees each trial's end in one result. Live epochs are checkpointed (`snapshot()` saved with
-torch.save); a restored or retried trial resumes from its latest checkpoint. Epochs replayed from
-the stage-1 cache are not checkpointed: a restart replays them again at no cost. Checkpoints are
-spaced by `checkpoint_interval_s` so that sub-second epochs are not dominated by saving.
-Checkpoints hold tensors and plain values only and load with `torch.load(weights_only=True)`.
+driver sees each trial's end in one result.
 
-Trial records (`records_dir`, on the storage every node reaches): the moment a trial ends, its
-last result is written to `<records_dir>/<trial_key>.json`, by the trial itself (completed,
-diverged) or by the driver (stopped early, failed; see search.callbacks). A trial started again
-with a record (a resumed sweep whose Tune state predates the trial's end) replays the record
-instead of training: a finished trial is never re-run, whatever the driver lost.
+The trial's files are its entry in the sweep's ledger (search.ledger), on the storage every node
+reaches, keyed by the trial key (the config's `trial_key`):
+- checkpoint.pt: live epochs are checkpointed there (`snapshot()`, torch.save, atomically), spaced
+  by `checkpoint_interval_s` so that sub-second epochs are not dominated by saving; epochs
+  replayed from the stage-1 cache are not checkpointed (a restart replays them at no cost). A
+  retried trial (Tune, same driver) and a re-issued one (a resumed sweep, new Tuner) continue
+  from it. It holds tensors and plain values only and loads with torch.load(weights_only=True).
+- end.json: a trial that completes or diverges writes its end before its last report, so a
+  driver killed right after still finds it. A trial started with an end recorded replays it
+  instead of training: a finished trial is never re-run.
 
 Backfill: the first report after a resume from a checkpoint, and a replayed end, carry
-`backfill`, the trial's earlier epochs (from the checkpoint or the record), so the driver can
-log epochs it lost (a driver killed outright loses the epochs it had not written yet).
+`backfill`, the trial's earlier epochs (from the checkpoint or the end record), so the driver
+can log epochs it lost (a driver killed outright loses the epochs it had not written yet).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from search.ledger import BACKFILL, Ledger, Status
+from trainables.config import TrialConfig
+from trainables.pipeline import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
 # Pipeline metrics passed on to Tune each epoch (the rest of its dict stays in the trial).
 REPORTED = ("epoch", "phase", "phase_epoch", "train_loss", "lr", "val_all", "val_many",
             "val_medium", "val_few", "epoch_seconds", "train_seconds", "images_per_second",
             "replayed", "diverged", "ncm_all", "ncm_many", "ncm_medium", "ncm_few")
-BACKFILL = "backfill"
 
 
 @dataclass(frozen=True)
@@ -59,33 +68,7 @@ class TrialRuntime:
     # Checkpoint a live epoch when this many seconds passed since the last one (0: every epoch).
     # Tiny epochs would otherwise spend more time saving state than training.
     checkpoint_interval_s: float = 10.0
-    records_dir: str | None = None  # where trials' end records live (see the module docstring)
-
-
-def record_path(records_dir: str | Path, trial_key: str) -> Path:
-    return Path(records_dir) / f"{trial_key}.json"
-
-
-def write_record(records_dir: str | Path, trial_key: str, status: str,
-                 result: Mapping[str, Any], error: str | None = None,
-                 history: list[dict[str, Any]] | None = None) -> None:
-    """Record a trial's end atomically (a reader sees the whole record or none): its status,
-    last result, error message and per-epoch history (see `epoch_entry`)."""
-    path = record_path(records_dir, trial_key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"status": status, "result": {k: v for k, v in result.items() if k != BACKFILL},
-              "error": error, "history": history or []}
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(record, default=str))
-    os.replace(partial, path)
-
-
-def read_record(records_dir: str | Path | None, trial_key: str) -> dict[str, Any] | None:
-    """The trial's end record, or None (no records dir, no record yet)."""
-    if records_dir is None:
-        return None
-    path = record_path(records_dir, trial_key)
-    return json.loads(path.read_text()) if path.exists() else None
+    sweep_dir: str | None = None  # the sweep's folder: its ledger (see the module docstring)
 
 
 def epoch_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -97,18 +80,7 @@ def epoch_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RecordedFailure(RuntimeError):
-    """A trial that failed before (its record says so) is not run again."""
-
-
-def trial_status(result: Mapping[str, Any] | None, error: bool = False) -> str:
-    """A trial's honest end state from its last result: completed, stopped_early, diverged or
-    failed. A trial whose last result is not the final one was stopped (by ASHA, the time
-    budget or an interrupt) before its end."""
-    if error or not result:
-        return "failed"
-    if result.get("diverged"):
-        return "diverged"
-    return "completed" if result.get("final") else "stopped_early"
+    """A trial that failed before (its ledger entry says so) is not run again."""
 
 
 class EpochReporter:
@@ -136,8 +108,6 @@ class EpochReporter:
             return
         due = time.monotonic() - self._last_checkpoint >= self.runtime.checkpoint_interval_s
         if due and not result["replayed"]:
-            import torch
-
             with tempfile.TemporaryDirectory(prefix="tailtune-ckpt-") as folder:
                 torch.save(snapshot(), Path(folder) / CHECKPOINT_FILE)
                 # report() persists the checkpoint to the Tune storage before it returns
@@ -171,11 +141,11 @@ class EpochReporter:
                         ("status", "val", "test", "class_counts", "diagnostics", "config",
                          "protocol", "device", "epochs_run")},
         }
-        if self.runtime.records_dir is not None and self.identity["trial_key"]:
+        if self.runtime.sweep_dir is not None and self.identity["trial_key"]:
             # before the report: a driver killed right after it still finds the trial's end
-            write_record(self.runtime.records_dir, self.identity["trial_key"],
-                         "diverged" if final["diverged"] else "completed", final,
-                         history=[epoch_entry(m) for m in outcome["history"]])
+            Ledger(self.runtime.sweep_dir).end(
+                self.identity["trial_key"], final,
+                history=[epoch_entry(m) for m in outcome["history"]])
         self._report(final)
 
     def _result(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,52 +163,62 @@ class EpochReporter:
         return result
 
 
-def load_checkpoint(checkpoint: Any) -> dict[str, Any] | None:
-    """The pipeline state saved in a Tune checkpoint, or None."""
-    if checkpoint is None:
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The pipeline state saved at `path`, or None (no checkpoint yet, or deleted)."""
+    if not path.exists():
         return None
-    import torch
+    # weights_only: a checkpoint is data (tensors, numbers, lists), never code
+    return torch.load(path, map_location="cpu", weights_only=True)
 
-    with checkpoint.as_directory() as folder:
-        path = Path(folder) / CHECKPOINT_FILE
-        # weights_only: a checkpoint is data (tensors, numbers, lists), never code
-        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+def save_checkpoint(folder: Path, path: Path) -> None:
+    """Move the snapshot saved in `folder` to `path` atomically (a kill leaves the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_file = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.copyfile(folder / CHECKPOINT_FILE, partial_file)
+    os.replace(partial_file, path)
 
 
 def replay_record(record: Mapping[str, Any], report: Callable[..., None]) -> None:
     """Report a recorded end again (see the module docstring); a failure is raised again."""
-    if record["status"] == "failed":
+    if record["status"] == Status.FAILED:
         raise RecordedFailure(f"trial failed before: {record.get('error') or 'see its record'}")
     report({**record["result"], BACKFILL: record.get("history") or []})
 
 
 def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> None:
     """Ray Tune function trainable: one pipeline run for `config["trial"]` (a TrialConfig dict)."""
-    import ray
-    import torch
-    from ray import tune
-
-    from trainables.config import TrialConfig
-    from trainables.pipeline import run_trial
-
     runtime = runtime or TrialRuntime()
     context = tune.get_context()
     trial_key = str(config.get("trial_key") or context.get_trial_id())
-    record = read_record(runtime.records_dir, trial_key)
+    ledger = Ledger(runtime.sweep_dir) if runtime.sweep_dir else None
+    record = ledger.ended(trial_key) if ledger else None
     if record is not None:
         replay_record(record, tune.report)
         return
     trial = TrialConfig.from_dict(config["trial"])
     cpus = context.get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))  # one trial per core on a shared machine
-    resume = load_checkpoint(tune.get_checkpoint())
+    resume, make_checkpoint = None, _no_checkpoint
+    if ledger is not None:
+        checkpoint = ledger.checkpoint_path(trial_key)
+        resume = load_checkpoint(checkpoint)
+        make_checkpoint = partial(save_checkpoint, path=checkpoint)
     history = (resume or {}).get("history") or []
     resumed_from = int(history[-1]["epoch"]) if history else 0
     reporter = EpochReporter(
         trial.total_epochs, runtime, ray.get_runtime_context().get_node_id(),
-        report=tune.report, make_checkpoint=lambda p: tune.Checkpoint.from_directory(str(p)),
-        trial_key=trial_key, resumed_from_epoch=resumed_from,
-        backfill=[epoch_entry(m) for m in history],
+        report=_tune_report, make_checkpoint=make_checkpoint, trial_key=trial_key,
+        resumed_from_epoch=resumed_from, backfill=[epoch_entry(m) for m in history],
     )
     outcome = run_trial(trial, reporter.on_epoch, resume_state=resume, cache_dir=runtime.cache_dir)
     reporter.finish(outcome)
+
+
+def _tune_report(result: dict[str, Any], checkpoint: Any = None) -> None:
+    # the checkpoint is in the ledger already (make_checkpoint), not in Tune's storage
+    tune.report(result)
+
+
+def _no_checkpoint(folder: Path) -> None:
+    """A trial outside a sweep (no ledger) keeps no state."""
