@@ -37,6 +37,13 @@ if __name__ == "__main__":  # run as a script: import the package, not the sibli
 
 import pandas as pd  # noqa: E402
 
+from results.store import (  # noqa: E402
+    StoreError,
+    check_readable_store,
+    read_only_uri,
+    sqlite_path,
+)
+
 GROUPS = ("all", "many", "medium", "few")
 METRICS = tuple(f"{split}_{group}" for split in ("val", "test") for group in GROUPS)
 # Ranking order of trial statuses: finished trials first (their numbers are comparable).
@@ -65,18 +72,19 @@ class LeaderboardError(ValueError):
 def resolve_tracking_uri(storage: str | Path | None = "tailtune_runs",
                          mlflow_uri: str | None = None) -> str:
     """The tracking URI to read: `mlflow_uri` as given, else `<storage>/mlflow.db` (search/run.py's
-    default store). A local SQLite store must exist: reading must not create an empty one."""
+    default store). A local SQLite store must be an SQLite database already: MLflow would make a
+    new store of a missing or empty file, and the leaderboard is a reader."""
     if mlflow_uri:
         uri = mlflow_uri
     else:
         path = Path(storage or "tailtune_runs").expanduser().resolve() / "mlflow.db"
         uri = f"sqlite:///{path}"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise LeaderboardError(
-                f"no MLflow store at {path}; accepted: --storage DIR of a sweep (holding "
-                "mlflow.db) or --mlflow-uri sqlite:///ABS/PATH/mlflow.db | http://HOST:PORT")
+    database = sqlite_path(uri)
+    if database is not None:
+        try:
+            check_readable_store(database)
+        except StoreError as exc:
+            raise LeaderboardError(str(exc)) from None
     return uri
 
 
@@ -84,8 +92,10 @@ def load_trials(tracking_uri: str, experiment: str) -> pd.DataFrame:
     """One row per trial run of `experiment` (columns TRIAL_COLUMNS; missing metrics are NaN)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    resolve_tracking_uri(mlflow_uri=tracking_uri)  # a local store must be a database already
     try:
+        # Read-only: opening a store MLflow finds incomplete would migrate it (see results.store).
+        client = MlflowClient(tracking_uri=read_only_uri(tracking_uri))
         found = client.get_experiment_by_name(experiment)
         if found is None:
             names = sorted(e.name for e in client.search_experiments())

@@ -12,8 +12,10 @@ import json
 import math
 import os
 import re
-import sys
+import shlex
 import time
+import types
+import typing
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,7 +25,26 @@ from search.scheduler import SCHEDULERS
 
 DEFAULT_STORAGE = "tailtune_runs"
 SWEEP_FILE = "sweep.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# Used with fullmatch: `$` would also match before a trailing newline ("abc\n").
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+NAME_ACCEPTED = "letters, digits, '.', '_', '-' (up to 100, starting with a letter or digit)"
+# An experiment name becomes a folder under <storage>/mlartifacts (results.mlflow_logging) and a
+# quoted value in MLflow filters: no path separators, no leading '.', no quotes, no control
+# characters. Spaces are allowed inside, not at the end (they would be invisible in listings).
+EXPERIMENT_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,98}[A-Za-z0-9_.-])?")
+EXPERIMENT_ACCEPTED = ("letters, digits, spaces, '.', '_', '-' (up to 100, starting with a "
+                       "letter or digit, not ending with a space)")
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (Optuna's TPE sampler) takes 0 .. 2**32 - 1
+# On --resume: options that define what the sweep searches and where it records it. Given
+# again with another value they are refused; left out, they keep the sweep's saved value.
+RESUME_FIXED = ("space", "dataset", "imbalance", "protocol", "data_dir", "profile", "n_max",
+                "val_per_class", "image_size", "model", "epochs", "seed", "experiment",
+                "scheduler", "grace_period", "reduction_factor", "mlflow_uri")
+# On --resume: options about how long and where it runs and what it prints; the values given
+# replace the saved ones (num_samples may only grow: trials already run stay in the study).
+RESUME_HONOURED = ("num_samples", "time_budget", "max_concurrent", "max_failures",
+                   "checkpoint_interval", "cpus_per_trial", "gpus_per_trial", "address", "top",
+                   "plots", "download")
 
 
 class UsageError(ValueError):
@@ -150,7 +171,7 @@ def parse_options(argv: list[str] | None = None) -> tuple[SweepOptions | None, b
         return None, True
     values = {f.name: getattr(args, f.name) for f in fields(SweepOptions)}
     if args.resume:
-        return _resume_options(values, sys.argv if argv is None else argv), False
+        return _resume_options(values, argv), False
     if not args.space:
         from spaces import space_names
 
@@ -162,6 +183,20 @@ def parse_options(argv: list[str] | None = None) -> tuple[SweepOptions | None, b
 
 def validate(options: SweepOptions) -> None:
     """Every up-front check on user input; raises UsageError (or a ValueError subclass)."""
+    check_values(options)
+    options.storage = str(Path(options.storage).expanduser().resolve())
+    options.data_dir = str(Path(options.data_dir).expanduser().resolve())
+    if options.name is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        options.name = f"{options.space}-{options.dataset}-{stamp}-{uuid.uuid4().hex[:4]}"
+    _check_name(options.name)
+    if _holds_a_sweep(options.sweep_dir):
+        raise UsageError(f"sweep {options.name!r} already exists in {options.storage}; "
+                         "accepted: a new --name, or --resume to continue it")
+
+
+def check_values(options: SweepOptions) -> None:
+    """The names, lists and ranges every sweep's options must satisfy, new or resumed."""
     from spaces import get_space
     from trainables.data import dataset_names
 
@@ -204,17 +239,17 @@ def validate(options: SweepOptions) -> None:
     if gpus is not None and not (shareable and gpus >= 0):
         raise UsageError(f"--gpus-per-trial must be 0, a fraction in (0, 1] or a whole number; "
                          f"got {gpus:g}")
-    options.storage = str(Path(options.storage).expanduser().resolve())
-    options.data_dir = str(Path(options.data_dir).expanduser().resolve())
-    if options.name is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        options.name = f"{options.space}-{options.dataset}-{stamp}-{uuid.uuid4().hex[:4]}"
-    if not NAME_PATTERN.match(options.name):
-        raise UsageError(f"--name {options.name!r} is not a valid sweep name; accepted: letters, "
-                         "digits, '.', '_', '-' (up to 100, starting with a letter or digit)")
-    if _holds_a_sweep(options.sweep_dir):
-        raise UsageError(f"sweep {options.name!r} already exists in {options.storage}; "
-                         "accepted: a new --name, or --resume to continue it")
+    if not 0 <= options.seed <= SEED_MAX:
+        raise UsageError(f"--seed {options.seed} is out of range; accepted: an integer from 0 "
+                         f"to {SEED_MAX} (2**32 - 1)")
+    if not EXPERIMENT_PATTERN.fullmatch(options.experiment):
+        raise UsageError(f"--experiment {options.experiment!r} is not a valid MLflow experiment "
+                         f"name; accepted: {EXPERIMENT_ACCEPTED}")
+
+
+def _check_name(name: str) -> None:
+    if not NAME_PATTERN.fullmatch(name):
+        raise UsageError(f"--name {name!r} is not a valid sweep name; accepted: {NAME_ACCEPTED}")
 
 
 def _holds_a_sweep(folder: Path) -> bool:
@@ -222,23 +257,133 @@ def _holds_a_sweep(folder: Path) -> bool:
     return folder.exists() and any(not p.name.endswith(".partial") for p in folder.iterdir())
 
 
-def _resume_options(values: dict[str, Any], argv: list[str]) -> SweepOptions:
+def _resume_options(values: dict[str, Any], argv: list[str] | None) -> SweepOptions:
+    """The saved options of sweep --name under the --storage given now, with the flags typed on
+    this command line: those in RESUME_HONOURED replace the saved values, those in RESUME_FIXED
+    must equal them."""
     if not values["name"]:
         raise UsageError("--resume needs --name: the sweep to continue")
+    _check_name(values["name"])  # before it becomes a path: '../x' would read another folder
     storage = str(Path(values["storage"]).expanduser().resolve())
     saved = Path(storage) / values["name"] / SWEEP_FILE
     if not saved.exists():
         raise UsageError(f"no sweep {values['name']!r} to resume in {storage}; "
                          f"accepted: a --name with {SWEEP_FILE} under --storage")
-    options = SweepOptions(**json.loads(saved.read_text()))
-    # What may change on resume: where it runs and what it prints. The rest (time budget and
-    # plots included) is restored with the Tune experiment, so it stays as the sweep began.
-    for name, flag in (("address", "--address"), ("top", "--top")):
-        if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
-            setattr(options, name, values[name])
+    options = _read_saved(saved, values["name"])
+    # The folder resumed is the one given (a copied store must not write into the original);
+    # a sweep on the default MLflow store (mlflow_uri None) then records in <storage>/mlflow.db.
+    options.storage = storage
+    original_samples = options.num_samples
+    given = _typed_flags(argv)
+    for name in RESUME_FIXED:
+        if name not in given:
+            continue
+        value = given[name]
+        if name == "data_dir":
+            value = str(Path(value).expanduser().resolve())
+        if value != getattr(options, name):
+            flag = _flag(name)
+            raise UsageError(f"--resume: {flag} {_shown(value)} differs from the sweep's original "
+                             f"{flag} {_shown(getattr(options, name))}; accepted: the original "
+                             "value, or leave the flag out")
+    for name in RESUME_HONOURED:
+        if name in given:
+            setattr(options, name, given[name])
+    if options.num_samples < original_samples:
+        raise UsageError(f"--resume: --num-samples {options.num_samples} is fewer than the "
+                         f"sweep's original --num-samples {original_samples}; accepted: "
+                         f"{original_samples} or more, or leave the flag out")
     options.resume = True
-    _at_least("--top", options.top, 1)
+    check_values(options)
     return options
+
+
+def _read_saved(path: Path, name: str) -> SweepOptions:
+    """The options in a sweep's sweep.json, checked like a command line: a file that is not
+    what search/run.py wrote is refused in one line, whatever is wrong with it."""
+    accepted = (f"accepted: the {SWEEP_FILE} search/run.py wrote, a JSON object of the sweep's "
+                "options (fields of search.options.SweepOptions; 'space' is required)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}; {accepted}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested 100,000 deep
+        raise UsageError(f"{path} is not JSON ({exc}); {accepted}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds a JSON {type(data).__name__}, not an object; {accepted}")
+    hints = typing.get_type_hints(SweepOptions)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise UsageError(f"{path} has unknown keys {', '.join(map(repr, unknown))}; {accepted}")
+    if "space" not in data:
+        raise UsageError(f"{path} has no 'space'; {accepted}")
+    for key, value in data.items():
+        if not _fits(value, hints[key]):
+            raise UsageError(f"{path}: {key!r} is {value!r}, which is not "
+                             f"{_type_name(hints[key])}; {accepted}")
+    if data.get("name") not in (None, name):
+        raise UsageError(f"{path} is the sweep {data['name']!r}, not {name!r} (a renamed "
+                         "folder: the Optuna study and MLflow runs keep the original name); "
+                         f"accepted: --name {data['name']} in a folder of that name")
+    data["name"] = name
+    options = SweepOptions(**data)
+    try:
+        check_values(options)
+    except ValueError as exc:  # UsageError, SpaceError: a hand-edited value out of range
+        raise UsageError(f"{path}: {exc}") from None
+    return options
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a SweepOptions field's type (int is not bool; a float field
+    takes an int)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for kind in typing.get_args(hint) if union else (hint,):
+        if kind is type(None) and value is None:
+            return True
+        if kind is bool and isinstance(value, bool):
+            return True
+        if kind in (int, float) and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind is float and isinstance(value, float):
+            return True
+        if kind is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = typing.get_args(hint) if union else (hint,)
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             type(None): "null"}
+    return " or ".join(names.get(kind, str(kind)) for kind in kinds)
+
+
+_NOT_TYPED = object()
+
+
+def _typed_flags(argv: list[str] | None) -> dict[str, Any]:
+    """The options the user typed, by field name. Parsed again into a namespace that already
+    holds a marker for every field: argparse fills in defaults only where a name is absent, so
+    what is still the marker was not typed (a default equal to the typed value is not "typed";
+    abbreviations such as --see for --seed count)."""
+    namespace = argparse.Namespace(**{f.name: _NOT_TYPED for f in fields(SweepOptions)})
+    build_parser().parse_args(argv, namespace=namespace)
+    return {f.name: getattr(namespace, f.name) for f in fields(SweepOptions)
+            if getattr(namespace, f.name) is not _NOT_TYPED}
+
+
+def _flag(name: str) -> str:
+    return "--no-plots" if name == "plots" else "--" + name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(not set)"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return shlex.quote(str(value))
 
 
 def _at_least(flag: str, value: int | None, low: int) -> None:
