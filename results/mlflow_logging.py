@@ -119,9 +119,14 @@ class SweepRecorder:
         return self.parent_id
 
     def finish(self, status: str, summary: Mapping[str, float] | None = None) -> None:
-        """Close the sweep; the parent gets `status`. Its trials' runs are closed before, from
-        the ledger (search.book)."""
+        """Close the sweep; the parent gets `status`. Its trials' runs were closed from the
+        ledger (search.book); a sweep that did not complete leaves its unfinished trials' runs
+        interrupted (KILLED) for --resume to reopen."""
         self.flush()
+        if status != "completed":
+            for run in self._search(f"tags.`{PARENT}` = '{self.parent_id}' AND "
+                                    "attributes.status = 'RUNNING'"):
+                self.suspend_trial(run.data.tags.get(TRIAL_ID, ""))
         if summary:
             self._log_metrics(self.parent_id, summary, step=0)
         self.client.set_tag(self.parent_id, STATUS, status)
@@ -272,8 +277,12 @@ class SweepRecorder:
         location = None
         if self.tracking_uri.startswith("sqlite:///"):
             # Without it MLflow puts artifacts in ./mlruns of whatever folder we run from.
-            store = Path(self.tracking_uri.removeprefix("sqlite:///")).parent
-            location = (store / "mlartifacts" / self.experiment_name).as_uri()
+            root = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent
+                    / "mlartifacts").resolve()
+            folder = (root / self.experiment_name).resolve()
+            if folder.parent != root:  # '', '/abs', '../x', 'a/b': never outside the store
+                raise ValueError(f"experiment name {self.experiment_name!r} is not a folder name")
+            location = folder.as_uri()
         try:
             return self.client.create_experiment(self.experiment_name, artifact_location=location)
         except Exception:  # created meanwhile by a concurrent sweep

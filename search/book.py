@@ -155,14 +155,6 @@ class SweepBook:
             if entry.status.ended:
                 self.sync(entry.key)
 
-    def suspend_unfinished(self) -> None:
-        """The sweep stops with trials unfinished (interrupt, failure): their MLflow runs are
-        marked interrupted until --resume continues them; their study trials stay RUNNING."""
-        self.recorder.flush()
-        for entry in self.ledger.entries():
-            if entry.status is Status.UNFINISHED:
-                self.recorder.suspend_trial(entry.key)
-
     def _handle(self, key: str) -> Any | None:
         """The live study trial behind `key`, or None when it is no longer RUNNING."""
         if key not in self._live:

@@ -3,9 +3,12 @@
 Trials that ask for GPUs on a cluster without any would wait forever; asking for them there is
 refused up front, and the default GPU share is 0 without GPUs (the trial runs on the CPU).
 
-A local Ray (no --address) is started lean: no dashboard, and token authentication on with a
-token for this run alone unless the user configured one (Ray otherwise warns on every start and
-writes ~/.ray/auth_token). A cluster (--address) is joined with the user's own Ray settings;
+A local Ray (no --address) is always a new instance of the sweep's own, never one found on the
+machine (RAY_ADDRESS, or the file a `ray start` left in Ray's temp folder, even one whose cluster
+is gone). It listens on 127.0.0.1 only, is started lean (no dashboard; token authentication on
+with a token for this run alone unless the user configured one: Ray otherwise warns on every
+start and writes ~/.ray/auth_token), and a watchdog process (search/reaper.py) ends it when the
+driver ends, SIGKILL included. A cluster (--address) is joined with the user's own Ray settings;
 ray.init's failures there become one-line SetupErrors.
 """
 
@@ -22,8 +25,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from search import reaper
 from search.environment import SetupError, check_address
 from search.options import SweepOptions, UsageError
+from search.ray_adapter import loopback_node
 
 AUTH_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
@@ -82,12 +87,7 @@ def connect(address: str | None) -> dict[str, float]:
     if ray.is_initialized():
         return dict(ray.cluster_resources())
     if address is None:
-        # A signal to the whole process group (a scheduler ending the job) ends this Ray with
-        # the driver: without its GCS the driver would wait 60 s before giving up.
-        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
-        ray.init(include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=True)
-        return dict(ray.cluster_resources())
+        return _start_local(ray)
     head = check_address(address)
     with _stderr_kept() as kept:  # Ray's core logs each failed attempt: a page, not a line
         try:
@@ -96,6 +96,33 @@ def connect(address: str | None) -> dict[str, float]:
         except Exception as exc:  # ConnectionError, AuthenticationError, version mismatch
             kept.discard = True
             raise SetupError(_refusal(address, head, exc)) from None
+    return dict(ray.cluster_resources())
+
+
+def _start_local(ray) -> dict[str, float]:
+    """A new Ray for this driver alone, on 127.0.0.1, ended by a reaper when the driver ends."""
+    # A signal to the whole process group (a scheduler ending the job) ends this Ray with
+    # the driver: without its GCS the driver would wait 60 s before giving up.
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
+    # address="local" starts a new instance whatever RAY_ADDRESS or ray_current_cluster say;
+    # RAY_ADDRESS is dropped too, so that no process of this Ray reads it.
+    os.environ.pop("RAY_ADDRESS", None)
+    # Before ray.init: the marker goes into the environment Ray's processes get, the folder
+    # becomes this Ray's own temp folder (how the reaper tells its processes from others').
+    _, folder = reaper.watch()
+    try:
+        with loopback_node() as loopback:
+            ray.init(address="local", _node_ip_address=loopback, _temp_dir=folder,
+                     include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING, configure_logging=True)
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != loopback:  # Ray changed how it picks the node address: refuse to listen
+            ray.shutdown()
+            raise SetupError(f"the local Ray took {node_ip} as its address, not {loopback}; "
+                             "a local sweep listens on loopback only (see search/ray_adapter.py)")
+    except BaseException:
+        reaper.release()  # the reaper ends whatever of this Ray had started
+        raise
     return dict(ray.cluster_resources())
 
 

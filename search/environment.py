@@ -84,14 +84,16 @@ def _probe_server(uri: str) -> None:
 def resolve_address(address: str) -> tuple[str, int]:
     """(host, port) of the Ray cluster `address` names: auto (RAY_ADDRESS, or the cluster
     `ray start` began on this machine) or HOST:PORT."""
-    from ray._private.services import canonicalize_bootstrap_address
+    from search.ray_adapter import RayInternalsChanged, canonical_address
 
     accepted = ("accepted: auto (RAY_ADDRESS, or the cluster `ray start` began on this "
                 "machine) or the head's HOST:PORT")
     try:
-        resolved = canonicalize_bootstrap_address(address)
+        resolved = canonical_address(address)
     except ConnectionError:  # auto, and nothing to find
         resolved = None
+    except RayInternalsChanged:  # not the user's address: say what changed
+        raise
     except Exception as exc:  # a malformed address, an unresolvable host name
         raise SetupError(f"--address {address} is not a Ray address ({_reason(exc)}); "
                          f"{accepted}") from None

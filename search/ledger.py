@@ -120,7 +120,7 @@ class Ledger:
         already; returns the status the ledger holds."""
         path = self._path(key, END)
         if path.exists():
-            return Status(_read_json(path)["status"])
+            return _status(_read_json(path), path)
         result = {k: v for k, v in (result or {}).items() if k != BACKFILL}
         status = end_status(result, error=failed)
         _write_json(path, {"status": status.value, "result": result, "error": error,
@@ -138,13 +138,19 @@ class Ledger:
         if not start.exists():
             return None
         begun = _read_json(start)
-        entry = Entry(key=key, number=int(begun["number"]), params=begun["params"],
-                      config=begun["config"])
+        try:
+            entry = Entry(key=key, number=int(begun["number"]), params=dict(begun["params"]),
+                          config=dict(begun["config"]))
+        except (KeyError, TypeError, ValueError):
+            raise LedgerError(_unreadable(start, "not a trial start")) from None
         end = self.ended(key)
         if end is not None:
-            entry.status = Status(end["status"])
-            entry.result, entry.error = end["result"], end.get("error")
+            path = self._path(key, END)
+            entry.status = _status(end, path)
+            entry.result, entry.error = end.get("result"), end.get("error")
             entry.history = end.get("history") or []
+            if not isinstance(entry.result, dict) or not isinstance(entry.history, list):
+                raise LedgerError(_unreadable(path, "not a trial end"))
         return entry
 
     def entries(self) -> list[Entry]:
@@ -169,10 +175,22 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         payload = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LedgerError(f"the trial ledger file {path} cannot be read ({exc}); accepted: the "
-                          "JSON the sweep wrote (delete the trial's folder to run it again)"
-                          ) from None
+        raise LedgerError(_unreadable(path, str(exc))) from None
     if not isinstance(payload, dict):
-        raise LedgerError(f"the trial ledger file {path} is not a JSON object; accepted: the "
-                          "JSON the sweep wrote (delete the trial's folder to run it again)")
+        raise LedgerError(_unreadable(path, "not a JSON object"))
     return payload
+
+
+def _status(end: Mapping[str, Any], path: Path) -> Status:
+    try:
+        status = Status(end.get("status"))
+    except ValueError:
+        raise LedgerError(_unreadable(path, f"unknown status {end.get('status')!r}")) from None
+    if not status.ended:
+        raise LedgerError(_unreadable(path, "an end without an end status"))
+    return status
+
+
+def _unreadable(path: Path, why: str) -> str:
+    return (f"the trial ledger file {path} cannot be read ({why}); accepted: the JSON the "
+            "sweep wrote (delete the trial's folder to run the trial again)")

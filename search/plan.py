@@ -105,28 +105,29 @@ class SweepClaim:
     ends, however it ends (the kernel drops it with the process)."""
 
     handle: IO[str]
-    fresh: bool  # this driver made the folder
-    folder: Path
+    made: Path | None  # the first folder this driver created (the sweep's, or --storage)
 
     def abandon(self) -> None:
-        """The sweep never started (bad input found after the claim): leave no folder."""
+        """The sweep never started (bad input found after the claim): leave nothing behind."""
         self.handle.close()
-        if self.fresh:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        if self.made is not None:
+            shutil.rmtree(self.made, ignore_errors=True)
 
 
 def claim_sweep(options: SweepOptions) -> SweepClaim:
     """Make (new sweep) or find (--resume) the sweep folder and lock it for this driver.
     A second driver on the same sweep gets a UsageError naming the one that holds it."""
     folder = options.sweep_dir
-    fresh = False
+    made = None
     if not options.resume:
+        made = folder
+        while not made.parent.exists():
+            made = made.parent
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             folder.mkdir()
-            fresh = True
         except FileExistsError:  # another driver made it since the options were checked
-            pass
+            made = None
     handle = (folder / LOCK_FILE).open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,7 +138,7 @@ def claim_sweep(options: SweepOptions) -> SweepClaim:
         raise UsageError(f"sweep {options.name!r} in {options.storage} is being run by another "
                          f"driver ({holder}); accepted: wait for it to end, or another --name"
                          ) from None
-    if not options.resume and not fresh and (folder / SWEEP_FILE).exists():
+    if not options.resume and made is None and (folder / SWEEP_FILE).exists():
         handle.close()  # the other driver that made it has since ended
         raise UsageError(f"sweep {options.name!r} already exists in {options.storage}; "
                          "accepted: a new --name, or --resume to continue it")
@@ -145,4 +146,4 @@ def claim_sweep(options: SweepOptions) -> SweepClaim:
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     handle.flush()
-    return SweepClaim(handle, fresh, folder)
+    return SweepClaim(handle, made)

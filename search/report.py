@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from search.options import resume_hint
-from search.plan import SweepPlan
+from search.plan import TUNE_FOLDER, SweepPlan
 from search.summary import best_line, leaderboard, rows_from_entries
 from search.sweep import SweepOutcome
 
@@ -47,6 +47,7 @@ def final_report(plan: SweepPlan, outcome: SweepOutcome) -> str:
         lines.append(f"Why it ended: {outcome.reason}")
     lines += [
         f"Trial ledger:  {plan.ledger.folder}",
+        f"Tune results:  {plan.sweep_dir / TUNE_FOLDER}",
         f"Optuna study:  {o.name!r} in {plan.optuna_url}",
         f"MLflow:        {plan.tracking_uri}, experiment {o.experiment!r}, parent run "
         f"{outcome.parent_run_id}",

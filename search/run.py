@@ -38,12 +38,13 @@ def list_spaces() -> str:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     from search.environment import SetupError
+    from search.ledger import LedgerError
     from search.scheduler import SchedulerError
     from spaces import SpaceError
     from trainables.config import ConfigError
     from trainables.data import DataError
 
-    return UsageError, SpaceError, ConfigError, DataError, SchedulerError, SetupError
+    return UsageError, SpaceError, ConfigError, DataError, SchedulerError, SetupError, LedgerError
 
 
 def _sigterm_as_interrupt():
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         claim = claim_sweep(options)  # one driver per sweep, before Ray starts
     except _input_errors() as exc:
+        return _fail(exc)
+    try:
+        plan.ledger.entries()  # a resumed sweep's ledger parses, or one line names the file
+    except _input_errors() as exc:
+        claim.abandon()
         return _fail(exc)
     previous = _sigterm_as_interrupt()
     try:

@@ -37,6 +37,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from results.mlflow_logging import SweepRecorder
+from results.store import prepare_local_store
 from search.book import SweepBook
 from search.callbacks import LedgerCallback, StopAll, log_trial_plots
 from search.environment import SetupError
@@ -155,9 +156,10 @@ def start_records(plan: SweepPlan) -> SweepRecorder:
     """The sweep's options (saved: --resume reads them) and its MLflow parent run (found again
     on --resume). A parent run that cannot be made is a SetupError."""
     plan.options.save()
-    recorder = SweepRecorder(plan.tracking_uri, plan.options.experiment, str(plan.options.name),
-                             plan.tags)
     try:
+        prepare_local_store(plan.tracking_uri)  # concurrent drivers create it one at a time
+        recorder = SweepRecorder(plan.tracking_uri, plan.options.experiment,
+                                 str(plan.options.name), plan.tags)
         recorder.start(plan.params)
     except Exception as exc:  # e.g. a database URI MLflow cannot use
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -176,6 +178,9 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter
+    # MLflow logs a database error with its whole traceback, then raises it: the sweep says
+    # what went wrong in one line (on a full disk that log was pages long).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     options = plan.options
     started = time.monotonic()
     study = open_study(plan)
@@ -194,7 +199,8 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
                         and time.monotonic() - started >= options.time_budget)
         if stopper.reason is None and budget_spent:
             book.stop_unfinished()
-        status, reason = _sweep_status(plan.ledger.entries(), options.num_samples, stopper)
+        status, reason = _sweep_status(plan.ledger.entries(), options.num_samples, stopper,
+                                       budget_spent)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's own handling
         status = "interrupted"
     except Exception as exc:  # the driver itself could not go on (e.g. its disk is full)
@@ -206,18 +212,20 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
     return SweepOutcome(status, entries, time.monotonic() - started, recorder.parent_id, reason)
 
 
-def _sweep_status(entries: list[Entry], num_samples: int,
-                  stopper: StopAll) -> tuple[str, str | None]:
-    """completed when every trial asked for has ended (or the time budget ended the sweep);
-    failed when every trial failed; interrupted (resumable) otherwise."""
+def _sweep_status(entries: list[Entry], num_samples: int, stopper: StopAll,
+                  budget_spent: bool = False) -> tuple[str, str | None]:
+    """completed when num_samples trials have ended, or the time budget ended the sweep with
+    every trial it began ended; failed when every trial failed; interrupted (resumable)
+    otherwise (an interrupt, a full disk)."""
     if stopper.reason is not None:
         return "interrupted", stopper.reason
-    if any(not entry.status.ended for entry in entries):
+    all_ended = all(entry.status.ended for entry in entries)
+    if not all_ended or not (len(entries) >= num_samples or budget_spent):
         return "interrupted", None
     if entries and all(entry.status is Status.FAILED for entry in entries):
         return "failed", f"every trial failed; the first: {_last_line(entries[0].error)}"
-    budget_left = len(entries) < num_samples  # only the time budget stops asking early
-    return ("completed", "the time budget ended the sweep" if budget_left else None)
+    short = len(entries) < num_samples
+    return "completed", "the time budget ended the sweep" if short else None
 
 
 def _close(plan: SweepPlan, book: SweepBook, recorder: SweepRecorder,
@@ -226,8 +234,6 @@ def _close(plan: SweepPlan, book: SweepBook, recorder: SweepRecorder,
     parent run closed with the sweep's counts. Returns the ledger's entries."""
     try:
         book.sync_all()
-        if status != "completed":
-            book.suspend_unfinished()
         entries = plan.ledger.entries()
         summary: dict[str, float] = {}
         best = max((e for e in entries if e.value is not None), key=lambda e: e.value,
@@ -239,8 +245,8 @@ def _close(plan: SweepPlan, book: SweepBook, recorder: SweepRecorder,
             summary[f"trials_{name.value}"] = sum(e.status is name for e in entries)
         recorder.finish(status, summary)
         return entries
-    except (OSError, LedgerError, sqlalchemy.exc.SQLAlchemyError) as exc:
-        # e.g. a full disk: the ledger holds the truth; --resume brings MLflow in line
+    except Exception as exc:  # e.g. a full disk: the ledger holds the truth, and --resume
+        # brings MLflow and the study in line with it
         log.warning("could not close the sweep's records: %s", _one_line(exc))
         try:
             return plan.ledger.entries()

@@ -24,9 +24,12 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from ray.tune.search import Searcher
 
-from results.mlflow_logging import local_tracking_uri
-from search.optuna_search import KEY, StatusOptunaSearch
+from results.mlflow_logging import SweepRecorder, local_tracking_uri
+from search.book import KEY, SweepBook
+from search.ledger import Ledger
+from search.optuna_search import LedgerSearch, tpe_sampler
 from search.run import main
 from spaces import Sampler, fixed_settings, get_space
 
@@ -68,9 +71,9 @@ def _wait_for(condition: Callable[[], object], proc: subprocess.Popen, log: Path
 
 
 def _records(storage: Path, name: str) -> dict[str, float]:
-    """Trial key -> modification time of its end record (written once, when the trial ends)."""
-    folder = storage / name / "trial_records"
-    return {p.stem: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+    """Trial key -> modification time of its ledger end (written once, when the trial ends)."""
+    folder = Ledger(storage / name).folder
+    return {p.parent.name: p.stat().st_mtime_ns for p in folder.glob("*/end.json")}
 
 
 def _marked_processes(marker: str) -> list[str]:
@@ -111,15 +114,14 @@ def _snapshot_mlflow(storage: Path) -> dict[str, tuple]:
 
 
 def _assert_exact(storage: Path, name: str, num_samples: int, epochs: int) -> set[str]:
-    """Exactly num_samples trials in Tune, Optuna and MLflow, all completed with every epoch
-    logged once; returns the trial keys."""
-    from ray.tune import ExperimentAnalysis
-
-    tune_trials = ExperimentAnalysis(str(storage / name / "tune")).trials
-    assert len(tune_trials) == num_samples
-    assert all(t.status == "TERMINATED" for t in tune_trials)
-    assert all(t.last_result["final"] and t.last_result["epoch"] == epochs for t in tune_trials)
-    keys = {t.config[KEY] for t in tune_trials}
+    """Exactly num_samples trials in the ledger (where Tune's trials end: each driver run is a
+    fresh Tuner), Optuna and MLflow, all completed with every epoch logged once; returns the
+    trial keys."""
+    entries = Ledger(storage / name).entries()
+    assert len(entries) == num_samples
+    assert all(e.status == "completed" for e in entries)
+    assert all(e.result["final"] and e.result["epoch"] == epochs for e in entries)
+    keys = {e.key for e in entries}
     assert len(keys) == num_samples
 
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage / name / 'optuna.db'}")
@@ -185,11 +187,9 @@ def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: in
 
 def _print_resume(storage: Path, name: str, sig: int, seconds: float, before: dict) -> None:
     """What the resume cost and what it ran again (for the record, not asserted)."""
-    from ray.tune import ExperimentAnalysis
-
     done = []
-    for trial in ExperimentAnalysis(str(storage / name / "tune")).trials:
-        key, last = trial.config.get(KEY), trial.last_result
+    for entry in Ledger(storage / name).entries():
+        key, last = entry.key, entry.result
         if key in before["records"]:
             done.append(f"{key} ended before: replayed")
         else:
@@ -217,82 +217,96 @@ def _assert_resumed_without_loss(run: dict, ended_before: bool = True) -> None:
 
 
 # ---------------------------------------------------------------- the searcher after restarts
-def _searcher(url: str, name: str) -> StatusOptunaSearch:
-    fixed = fixed_settings(get_space("ce"), "digits_lt")
-    return StatusOptunaSearch(Sampler("ce", fixed), metric="val_all", mode="max", seed=0,
-                              study_name=name, storage=optuna.storages.RDBStorage(url))
+def _book(sweep: Path, name: str = "sweep") -> tuple[SweepBook, LedgerSearch]:
+    """The driver's book and searcher over a real study, ledger and MLflow store, as a (new or
+    resumed) driver builds them."""
+    sweep.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{sweep / 'optuna.db'}",
+                                sampler=tpe_sampler(0, 3), direction="maximize",
+                                load_if_exists=True)
+    recorder = SweepRecorder(local_tracking_uri(sweep.parent), EXPERIMENT, name, {"space": "ce"})
+    recorder.start({})
+    book = SweepBook(Ledger(sweep), study, recorder,
+                     Sampler("ce", fixed_settings(get_space("ce"), "digits_lt")))
+    return book, LedgerSearch(book, num_samples=3, metric="val_all", mode="max")
 
 
 def _final(value: float) -> dict:
-    return {"val_all": value, "epoch": 3, "final": True, "diverged": False}
+    return {"val_all": value, "epoch": 3, "total_epochs": 3, "final": True, "diverged": False}
 
 
-def test_restored_searcher_adopts_the_trials_its_snapshot_missed(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    first = _searcher(url, "sweep")
-    configs = {tid: first.suggest(tid) for tid in ("t1", "t2")}
-    first.on_trial_complete("t1", _final(0.5))
-    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot of the searcher
-    configs["t3"] = first.suggest("t3")  # asked for after it, then the driver died ...
-    first.on_trial_complete("t2", _final(0.6))  # ... and t2 ended after it too
-
-    # The restored searcher (Tuner.restore: the pickled searcher, then its saved state).
-    restored = _searcher(url, "sweep")
-    restored.restore(str(tmp_path / "snapshot.pkl"))
-    adopted = restored.suggest("t4")  # Tune's next new trial takes over t3, not a new ask
-    assert adopted[KEY] == "t3" and adopted["trial"] == configs["t3"]["trial"]
-    restored.on_trial_complete("t2", _final(0.6))  # replayed end: not told twice
-    restored.on_trial_complete("t4", _final(0.7))
-    fresh = restored.suggest("t5")  # no orphan left: a new trial
-    assert fresh[KEY] == "t5"
-
-    study = optuna.load_study(study_name="sweep", storage=url)
-    assert [(t.user_attrs["tune_trial_id"], t.state.name, t.value) for t in study.trials] == [
-        ("t1", "COMPLETE", 0.5), ("t2", "COMPLETE", 0.6), ("t3", "COMPLETE", 0.7),
-        ("t5", "RUNNING", None)]
+def _study_states(sweep: Path) -> list[tuple]:
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    return [(t.user_attrs.get("tune_trial_id"), t.state.name, t.value) for t in study.trials]
 
 
-def test_a_new_searcher_adopts_a_study_left_without_any_tune_state(tmp_path: Path) -> None:
-    """The driver died before Tune wrote its first snapshot: --resume starts a new Tuner."""
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    first = _searcher(url, "sweep")
-    asked = [first.suggest(tid) for tid in ("a", "b")]
-    first.on_trial_complete("a", _final(0.4))
-
-    again = _searcher(url, "sweep")
-    assert [again.suggest(tid)[KEY] for tid in ("x", "y", "z")] == ["a", "b", "z"]
-    assert again.suggest("x")["trial"] == asked[0]["trial"]
-    study = optuna.load_study(study_name="sweep", storage=url)
-    assert len(study.trials) == 3  # a, b and the one new trial z
+def test_a_resumed_searcher_reissues_the_unfinished_trials_then_asks_new_ones(
+        tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    book, searcher = _book(sweep)
+    asked = {tid: searcher.suggest(tid) for tid in ("a", "b")}
+    for tid, config in asked.items():
+        book.started(tid, config["trial"])
+    book.end("a", _final(0.4))
+    # the driver dies here; --resume builds a new book and searcher (a fresh Tuner)
+    book, searcher = _book(sweep)
+    reissued = searcher.suggest("x")  # Tune's new trial continues b, under b's key
+    assert reissued[KEY] == "b" and reissued["trial"] == asked["b"]["trial"]
+    assert searcher.suggest("y")[KEY] == "y"  # then a new trial
+    assert searcher.suggest("z") == Searcher.FINISHED  # num_samples trials asked: no more
+    assert _study_states(sweep) == [("a", "COMPLETE", 0.4), ("b", "RUNNING", None),
+                                    ("y", "RUNNING", None)]
+    assert [e.key for e in Ledger(sweep).entries()] == ["a", "b", "y"]
 
 
 def test_a_trial_half_asked_when_the_driver_died_is_adopted_and_completed(
         tmp_path: Path) -> None:
-    """SIGKILL between the study's ask and the last parameter write leaves a RUNNING trial
+    """SIGKILL between the study's ask and the ledger's start leaves a RUNNING study trial
     with only some parameters (and no key): --resume adopts it and samples the rest."""
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    first = _searcher(url, "sweep")
-    whole = first.suggest("a")
-    first.on_trial_complete("a", _final(0.4))
-    study = optuna.load_study(study_name="sweep", storage=url)
+    sweep = tmp_path / "sweep"
+    book, searcher = _book(sweep)
+    whole = searcher.suggest("a")
+    book.started("a", whole["trial"])
+    book.end("a", _final(0.4))
+    study = book.study
     half = study.ask()  # the killed driver's ask: one parameter of the space written
     name, value = next(iter(study.trials[0].params.items()))
     dist = study.trials[0].distributions[name]
     study._storage.set_trial_param(half._trial_id, name, dist.to_internal_repr(value), dist)
     assert len(study.trials[0].params) > 1, "the space needs two parameters for this test"
 
-    again = _searcher(url, "sweep")  # no Tune state: every study trial is adopted in order
-    assert again.suggest("x") == whole
-    assert again.suggest("y")[KEY] == "y"  # the half-asked trial, keyed by its new Tune trial
-    frozen = optuna.load_study(study_name="sweep", storage=url).trials[1]
+    book, searcher = _book(sweep)
+    adopted = searcher.suggest("y")  # the half-asked trial, keyed by its new Tune trial
+    assert adopted[KEY] == "y"
+    frozen = optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep / 'optuna.db'}"
+                               ).trials[1]
     assert frozen.params[name] == value
     assert set(frozen.params) == set(study.trials[0].params)  # the rest sampled
-    assert frozen.user_attrs["tune_trial_id"] == "y"
-    assert again.suggest("z")[KEY] == "z"
-    again.on_trial_complete("y", _final(0.5))
-    states = [(t.state.name, t.value) for t in
-              optuna.load_study(study_name="sweep", storage=url).trials]
-    assert states == [("COMPLETE", 0.4), ("COMPLETE", 0.5), ("RUNNING", None)]
+    assert Ledger(sweep).entry("y").number == frozen.number == 1
+    book.started("y", adopted["trial"])
+    book.end("y", _final(0.5))
+    assert searcher.suggest("z")[KEY] == "z"
+    assert _study_states(sweep) == [("a", "COMPLETE", 0.4), ("y", "COMPLETE", 0.5),
+                                    ("z", "RUNNING", None)]
+
+
+def test_an_end_only_the_ledger_saw_reaches_the_study_and_mlflow_once(tmp_path: Path) -> None:
+    """The trial wrote its end, the driver died before passing it on: the next driver's
+    book brings the study and MLflow in line, and doing it again changes nothing."""
+    sweep = tmp_path / "sweep"
+    book, searcher = _book(sweep)
+    book.started("a", searcher.suggest("a")["trial"])
+    Ledger(sweep).end("a", _final(0.6))  # written by the trial itself
+    book, _ = _book(sweep)
+    book.sync_all()
+    assert _study_states(sweep) == [("a", "COMPLETE", 0.6)]
+    (run,) = _children(tmp_path)
+    assert (run.info.status, run.data.tags["tailtune.status"]) == ("FINISHED", "completed")
+    book, _ = _book(sweep)
+    book.sync_all()
+    (again,) = _children(tmp_path)
+    assert again.info.end_time == run.info.end_time
+    assert _study_states(sweep) == [("a", "COMPLETE", 0.6)]
 
 
 # ---------------------------------------------------------------- a trial's worker dies
@@ -305,12 +319,14 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_in_the_same_run(tmp_path
                            "--checkpoint-interval", "0", "--max-failures", "2"),
                   log, uuid.uuid4().hex)
 
+    first_seen: dict[Path, int] = {}
+
     def checkpointed_trial() -> str | None:
-        """A trial with its second checkpoint (epoch 2) on the storage."""
-        for folder in (storage / name / "tune").glob("trial_*"):
-            index = [int(p.name.rsplit("_", 1)[1]) for p in folder.glob("checkpoint_*")]
-            if index and max(index) >= 1:
-                return folder.name.removeprefix("trial_")
+        """A trial with its second checkpoint (epoch 2) in its ledger entry."""
+        for path in Ledger(storage / name).folder.glob("*/checkpoint.pt"):
+            mtime = path.stat().st_mtime_ns
+            if first_seen.setdefault(path, mtime) != mtime:
+                return path.parent.name
         return None
 
     try:
@@ -500,7 +516,7 @@ def test_a_diverging_trial_is_marked_failed_in_optuna_and_the_sweep_goes_on(
         assert run.data.tags["tailtune.status"] == "completed"
         assert [s for s, _, _ in _steps(client, run.info.run_id)] == [1, 2, 3, 4]
     assert re.search(rf"trial {diverged_key} diverged", out)
-    record = json.loads((storage / name / "trial_records" / f"{diverged_key}.json").read_text())
+    record = json.loads((Ledger(storage / name).folder / diverged_key / "end.json").read_text())
     assert record["status"] == "diverged"
 
 

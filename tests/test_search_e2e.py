@@ -16,9 +16,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from results.mlflow_logging import SweepRecorder, local_tracking_uri
+from search.ledger import end_status as trial_status
 from trainables.config import TrialConfig
 from trainables.pipeline import run_trial
-from trainables.tune import CHECKPOINT_FILE, EpochReporter, TrialRuntime, trial_status
+from trainables.tune import CHECKPOINT_FILE, EpochReporter, TrialRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"dataset": "digits_lt", "batch_size": 64, "dro_batch_size": 64, "cls_batch_size": 64,
@@ -219,17 +220,24 @@ def test_failed_and_diverged_trials_get_honest_records(tmp_path: Path) -> None:
     import ray
     from ray import cloudpickle, tune
 
-    from search.callbacks import MlflowSweepCallback
-    from search.optuna_search import StatusOptunaSearch
+    from results.mlflow_logging import SweepRecorder
+    from search.book import SweepBook
+    from search.callbacks import LedgerCallback, StopAll
+    from search.ledger import Ledger
+    from search.optuna_search import LedgerSearch, tpe_sampler
     from spaces import Sampler, fixed_settings, get_space
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers lack tests/ on path
     uri = local_tracking_uri(tmp_path)
     optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    searcher = StatusOptunaSearch(
-        Sampler("ce", fixed_settings(get_space("ce"), "digits_lt")), metric="val_all",
-        mode="max", seed=0, study_name="faults", storage=optuna.storages.RDBStorage(optuna_url))
-    callback = MlflowSweepCallback(uri, "faults", "faults", {"space": "ce"}, {"num_samples": 4})
+    study = optuna.create_study(study_name="faults", storage=optuna_url, direction="maximize",
+                                sampler=tpe_sampler(0, 4))
+    recorder = SweepRecorder(uri, "faults", "faults", {"space": "ce"})
+    recorder.start({"num_samples": 4})
+    book = SweepBook(Ledger(tmp_path / "sweep"), study, recorder,
+                     Sampler("ce", fixed_settings(get_space("ce"), "digits_lt")))
+    searcher = LedgerSearch(book, num_samples=4, metric="val_all", mode="max")
+    callback = LedgerCallback(book, 4, StopAll())
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         tune.Tuner(

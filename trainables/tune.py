@@ -33,8 +33,10 @@ can log epochs it lost (a driver killed outright loses the epochs it had not wri
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -53,6 +55,7 @@ from trainables.config import TrialConfig
 from trainables.pipeline import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
+log = logging.getLogger(__name__)
 # Pipeline metrics passed on to Tune each epoch (the rest of its dict stays in the trial).
 REPORTED = ("epoch", "phase", "phase_epoch", "train_loss", "lr", "val_all", "val_many",
             "val_medium", "val_few", "epoch_seconds", "train_seconds", "images_per_second",
@@ -164,11 +167,18 @@ class EpochReporter:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The pipeline state saved at `path`, or None (no checkpoint yet, or deleted)."""
+    """The pipeline state saved at `path`, or None: no checkpoint yet, deleted, or not one
+    this trial wrote (the trial then trains from its first epoch)."""
     if not path.exists():
         return None
-    # weights_only: a checkpoint is data (tensors, numbers, lists), never code
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, lists), never code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        log.warning("ignoring the checkpoint %s, which does not load as one: %s", path,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def save_checkpoint(folder: Path, path: Path) -> None:
