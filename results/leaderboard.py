@@ -8,9 +8,10 @@
 Reads the trial runs (tag tailtune.role=trial, schema in results/mlflow_logging.py) of one
 experiment. Trials are grouped by (sweep or space, dataset, imbalance factor, protocol) and ranked
 inside each group by the search objective, validation accuracy `val_all`; test accuracy is shown,
-never used to rank. Finished trials (completed, diverged) rank above the others, whose accuracy
-comes from fewer epochs. Trials stopped early, failed or still running are left out unless
-`--include` names them. Trials whose configuration is equal except for the seed make one row:
+never used to rank. Statuses rank in the trial ledger's one order (search.ledger.ORDER:
+completed, stopped_early, unfinished, diverged, failed), the same as the sweep's own report.
+Completed and diverged trials are shown; trials stopped early, failed or not yet ended are left
+out unless `--include` names them. Trials whose configuration is equal except for the seed make one row:
 mean and standard deviation over their runs. Under the "paper" protocol the validation metrics are
 measured on the test set (the papers' protocol), and every output says so.
 
@@ -43,11 +44,14 @@ from results.store import (  # noqa: E402
     read_only_uri,
     sqlite_path,
 )
+from search.ledger import ORDER, Status  # noqa: E402
 
 GROUPS = ("all", "many", "medium", "few")
 METRICS = tuple(f"{split}_{group}" for split in ("val", "test") for group in GROUPS)
-# Ranking order of trial statuses: finished trials first (their numbers are comparable).
-STATUS_ORDER = ("completed", "diverged", "stopped_early", "interrupted", "running", "failed")
+# A trial's MLflow status tag: the ledger's end statuses, or (not ended) `running` while its
+# sweep runs and `interrupted` while it waits for --resume, both the ledger's unfinished.
+UNFINISHED_TAGS = ("running", "interrupted")
+STATUS_ORDER = (*(s.value for s in ORDER if s.ended), *UNFINISHED_TAGS)  # what --include takes
 DEFAULT_STATUSES = ("completed", "diverged")
 FORMATS = ("table", "csv", "markdown", "html")
 GROUP_BY = ("sweep", "space")
@@ -327,7 +331,10 @@ def total_epochs(params: dict[str, Any]) -> int | None:
 
 
 def _status_rank(status: str) -> int:
-    return STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER)
+    """The ledger's one order (search.ledger.ORDER); an unknown tag ranks last."""
+    if status in UNFINISHED_TAGS:
+        return Status.UNFINISHED.rank
+    return Status(status).rank if status in STATUS_ORDER else len(ORDER)
 
 
 def _rank_key(row: dict[str, Any]) -> tuple[int, float, int]:

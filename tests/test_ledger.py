@@ -298,3 +298,14 @@ def test_a_full_disk_mid_sweep_ends_in_one_reason_and_a_resume_that_loses_nothin
     children = client.search_runs([experiment.experiment_id], "tags.`tailtune.role` = 'trial'")
     assert sorted((r.info.status, r.data.tags["tailtune.status"]) for r in children) == [
         ("FINISHED", "completed")] * 2
+
+
+def test_the_sweep_report_and_the_leaderboard_rank_statuses_in_the_ledger_order() -> None:
+    from results.leaderboard import _status_rank
+    from search.summary import TrialRow, rank
+
+    tags = ["failed", "diverged", "interrupted", "stopped_early", "completed", "running"]
+    assert sorted(tags, key=_status_rank) == ["completed", "stopped_early", "interrupted",
+                                              "running", "diverged", "failed"]
+    rows = [TrialRow(status.value, status, 1, 1, {"all": 0.5}, {}) for status in reversed(ORDER)]
+    assert [row.status for row in rank(rows)] == list(ORDER)
