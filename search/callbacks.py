@@ -107,6 +107,8 @@ class LedgerCallback(Callback):
             self.stopper.reason = error.strip().splitlines()[-1]
             _say(f"{self._clock()} trial {key} could not write: {self.stopper.reason}")
             return
+        if self.stopper.reason is not None and error is None:
+            return  # stopped with the sweep (StopAll), not ended: --resume continues it
         self._tag_placement(key, last)
         own = {name: value for name, value in last.items() if name not in TUNE_KEYS}
         status = self.book.end(key, own, error=error, failed=error is not None)
