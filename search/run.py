@@ -22,7 +22,7 @@ if __name__ == "__main__":  # run as a script: import the package, not the sibli
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from search.options import UsageError, parse_options, resume_hint  # noqa: E402
+from search.options import SWEEP_FILE, UsageError, parse_options, resume_hint  # noqa: E402
 
 PROG = "search/run.py"
 
@@ -92,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(options, plan, claim)
     except KeyboardInterrupt:  # before the sweep started, or after it ended
-        print(f"{PROG}: interrupted" + (f"; {resume_hint(options)}"
-                                        if options.sweep_dir.exists() else ""), file=sys.stderr)
+        started = (options.sweep_dir / SWEEP_FILE).exists()
+        if not started:
+            claim.abandon()  # nothing to resume: leave no folder
+        print(f"{PROG}: interrupted" + (f"; {resume_hint(options)}" if started else ""),
+              file=sys.stderr)
         return 1
     finally:
         if previous is not None:
