@@ -11,9 +11,9 @@ inside each group by the search objective, validation accuracy `val_all`; test a
 never used to rank. Statuses rank in the trial ledger's one order (search.ledger.ORDER:
 completed, stopped_early, unfinished, diverged, failed), the same as the sweep's own report.
 Completed and diverged trials are shown; trials stopped early, failed or not yet ended are left
-out unless `--include` names them. Trials whose configuration is equal except for the seed make one row:
-mean and standard deviation over their runs. Under the "paper" protocol the validation metrics are
-measured on the test set (the papers' protocol), and every output says so.
+out unless `--include` names them. Trials whose configuration is equal except for the seed make
+one row: mean and standard deviation over their runs. Under the "paper" protocol the validation
+metrics are measured on the test set (the papers' protocol), and every output says so.
 
 Library: `load_trials` -> `select_trials` -> `leaderboard` or `compare` -> `render`.
 """
