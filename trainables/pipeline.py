@@ -21,6 +21,7 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.data import build_dataset
 from trainables.evaluation import accuracy_report, predict
 from trainables.loop import EpochStats, train_epoch
+from trainables.methods import get_method
 from trainables.models import create_model
 from trainables.schedules import make_scheduler
 
@@ -70,6 +71,7 @@ class TrialRunner:
         cache_dir: str | None = None,
     ) -> None:
         self.config = config
+        self.method = get_method(config.method)
         self.on_epoch = on_epoch
         self.resume = resume_state
         self.cache_dir = cache_dir
@@ -125,6 +127,8 @@ class TrialRunner:
             from trainables.balancing import tau_normalise_
 
             tau_normalise_(self.model.classifier, self.config.tau)
+        if status == "completed" and self.method.finish is not None:
+            self.method.finish(self.config, self.model, self.class_counts)
         return self._final_result(status)
 
     def _run_phase(self, index: int, phase: str, resume: dict[str, Any] | None) -> str:
@@ -138,9 +142,11 @@ class TrialRunner:
     def _stage1_spec(self) -> PhaseSpec:
         cfg = self.config
         model = self.model
+        criterion = (F.cross_entropy if self.method.stage1_loss is None
+                     else self.method.stage1_loss(cfg, self.class_counts, self.device))
 
         def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(model(images), labels)
+            return criterion(model(images), labels)
 
         return PhaseSpec(
             name="stage1",
