@@ -16,6 +16,7 @@ from typing import Any
 from trainables.checks import ConfigError, check_choice, check_integer, check_range
 from trainables.losses import RADII
 from trainables.methods import METHODS, get_method, option_owner
+from trainables.normalised_classifier import CLASSIFIER_NORMS
 
 SCHEDULES = ("warmup_multistep", "cosine", "constant")
 CENTROID_PASSES = ("clean", "augmented")
@@ -78,6 +79,8 @@ class TrialConfig:
     cls_schedule: str = "cosine"
     cls_sampler: str = "instance"
     cls_loss: str = "ce"
+    cls_norm: str = "off"  # l2: unit-norm rows times a scale (trainables.normalised_classifier)
+    cls_norm_scale: float | None = None  # None: the scale is learned
     cb_beta: float = 0.9999
     maxnorm: str = "off"
     maxnorm_radius: float | None = None  # absolute delta; None: relative to stage-1 norms
@@ -174,6 +177,9 @@ class TrialConfig:
         check_choice("ce_weighting", self.ce_weighting, CE_WEIGHTINGS)
         check_choice("classifier", self.classifier, CLASSIFIER_MODES)
         check_choice("cls_loss", self.cls_loss, CLASSIFIER_LOSSES)
+        check_choice("cls_norm", self.cls_norm, CLASSIFIER_NORMS)
+        if self.cls_norm_scale is not None:
+            check_range("cls_norm_scale", self.cls_norm_scale, 0, math.inf, low_open=True)
         check_choice("maxnorm", self.maxnorm, MAXNORM_MODES)
         check_choice("dro_sampler", self.dro_sampler, SAMPLERS)
         check_choice("cls_sampler", self.cls_sampler, SAMPLERS)

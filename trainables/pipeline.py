@@ -23,6 +23,7 @@ from trainables.evaluation import accuracy_report, predict
 from trainables.loop import EpochStats, train_epoch
 from trainables.methods import get_method
 from trainables.models import create_model
+from trainables.normalised_classifier import normalise_classifier_
 from trainables.schedules import make_scheduler
 
 OnEpoch = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
@@ -307,7 +308,6 @@ class TrialRunner:
         from trainables.class_balanced import make_classifier_loss
 
         cfg, model = self.config, self.model
-        classifier = model.classifier
         criterion = make_classifier_loss(cfg.cls_loss, self.class_counts, cfg.cb_beta).to(
             self.device
         )
@@ -322,9 +322,12 @@ class TrialRunner:
         # The relative radius comes from the trained rows, so before any re-initialisation.
         radius = self.diagnostics.get("maxnorm_radius")
         if cfg.maxnorm != "off" and radius is None:
-            start_norms = class_row_norms(classifier)
+            start_norms = class_row_norms(model.classifier)
             radius = cfg.maxnorm_radius or relative_maxnorm_radius(start_norms, cfg.maxnorm_t)
             self.diagnostics["maxnorm_radius"] = float(radius)
+        if cfg.cls_norm == "l2":  # its learned scale starts from the trained rows, too
+            normalise_classifier_(model, cfg.cls_norm_scale)
+        classifier = model.classifier
         if cfg.cls_reinit and resume is None:
             from trainables.balancing import reinit_classifier_
 
@@ -340,7 +343,7 @@ class TrialRunner:
         return PhaseSpec(
             name="classifier",
             epochs=cfg.cls_epochs,
-            param_groups=[{"params": list(classifier.parameters())}],
+            param_groups=_classifier_groups(classifier),
             lr=cfg.cls_lr,
             weight_decay=cfg.cls_weight_decay,
             batch_size=cfg.cls_batch_size,
@@ -498,6 +501,8 @@ class TrialRunner:
             # the cache replays stage 1 from the start; drop what it will report again
             self.history = []
             return 0
+        if "classifier.log_scale" in state["model"]:  # saved in an L2-normalised phase
+            normalise_classifier_(self.model, self.config.cls_norm_scale)
         self.model.load_state_dict(state["model"])
         if self.radii is not None and state.get("radii") is not None:
             self.radii.load_state_dict(state["radii"])
@@ -510,6 +515,14 @@ class TrialRunner:
             self.resume = None
             return index + 1
         return index
+
+
+def _classifier_groups(classifier: torch.nn.Module) -> list[dict[str, Any]]:
+    """The classifier's parameters; a learned scale of an L2-normalised classifier is never
+    weight-decayed (decay would shrink every logit alike, docs/methods.md 5)."""
+    scale = [p for name, p in classifier.named_parameters() if name == "log_scale"]
+    rest = [p for name, p in classifier.named_parameters() if name != "log_scale"]
+    return [{"params": rest}, *([{"params": scale, "weight_decay": 0.0}] if scale else [])]
 
 
 def _ncm_from_history(history: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -26,9 +26,11 @@ def phase_key(params: Mapping[str, Any]) -> str:
     if classifier == "tau_norm":
         return "ce+tau_norm"
     if classifier == "retrain" and int(params.get("cls_epochs") or 0) > 0:
+        norm = "+l2norm" if params.get("cls_norm", "off") == "l2" else ""
         if params.get("cls_loss") in ("cb", "cb_bce"):
-            return "wb/cb" + ("+maxnorm" if params.get("maxnorm", "off") != "off" else "")
-        return "ce+crt"
+            maxnorm = "+maxnorm" if params.get("maxnorm", "off") != "off" else ""
+            return f"wb/cb{maxnorm}{norm}"
+        return f"ce+crt{norm}"
     return "ce"
 
 
@@ -38,6 +40,10 @@ NAMES = {
     "ce+crt": "CE features + retrained classifier (cRT)",
     "wb/cb": "WD features, then classifier with WD + CB loss",
     "wb/cb+maxnorm": "WD features, then classifier with WD + CB loss + MaxNorm",
+    "ce+crt+l2norm": "CE features + retrained L2-normalised classifier",
+    "wb/cb+l2norm": "WD features, then L2-normalised classifier with WD + CB loss",
+    "wb/cb+maxnorm+l2norm": "WD features, then L2-normalised classifier with WD + CB loss "
+                            "(+ MaxNorm on its raw rows)",
     **{f"dro_lt/{radius}": f"DRO-LT ({radius} radius) + cRT" for radius in RADII},
     **{f"dro_wb/{radius}": f"DRO-LT ({radius} radius) + WB classifier" for radius in RADII},
 }
