@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,7 +60,6 @@ class PhaseSpec:
     before_epoch: Callable[[int], None] | None = None
     after_step: Callable[[], None] | None = None
     after_epoch: Callable[[], dict[str, Any]] | None = None
-    extra_state: dict[str, Any] = field(default_factory=dict)
 
 
 class TrialRunner:
@@ -543,12 +542,6 @@ def run_trial(
     if not isinstance(config, TrialConfig):
         config = TrialConfig.from_dict(config)
     return TrialRunner(config, on_epoch, resume_state, cache_dir).run()
-
-
-def total_epochs(config: dict[str, Any] | TrialConfig) -> int:
-    if not isinstance(config, TrialConfig):
-        config = TrialConfig.from_dict(config)
-    return config.total_epochs
 
 
 if __name__ == "__main__":

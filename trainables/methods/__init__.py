@@ -110,10 +110,6 @@ def get_method(name: str) -> Method:
     return METHODS.get(name)
 
 
-def method_names() -> list[str]:
-    return METHODS.names()
-
-
 def option_owner(name: str) -> Method | None:
     """The method owning config field `name`, or None when no method declares it."""
     for method in METHODS.values():
