@@ -477,7 +477,7 @@ def test_a_diverging_trial_is_marked_failed_in_optuna_and_the_sweep_goes_on(
     import spaces
 
     monkeypatch.setitem(sys.modules, _DIVERGE_MODULE, _diverging_space())
-    monkeypatch.setitem(spaces._MODULES, "diverge", _DIVERGE_MODULE)
+    monkeypatch.setitem(spaces.SPACES, "diverge", sys.modules[_DIVERGE_MODULE].SPACE)
     storage, name = tmp_path / "runs", "diverge"
     code = main(["--space", "diverge", "--num-samples", "3", "--max-concurrent", "1",
                  "--scheduler", "none", "--storage", str(storage), "--name", name,
