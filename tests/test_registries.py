@@ -144,3 +144,12 @@ def test_unknown_names_are_errors_naming_the_accepted_values() -> None:
 def test_a_dataset_whose_n_max_depends_on_its_data_gives_no_silent_reference() -> None:
     with pytest.raises(SpaceError, match=r"imagefolder takes from its data; accepted: n_max"):
         count_reference("imagefolder")
+
+
+def test_a_config_with_method_options_survives_its_own_dict() -> None:
+    """to_dict reads a method's options as plain fields; from_dict takes them back (a trial's
+    config goes through this round trip between the driver, MLflow and the pipeline)."""
+    config = TrialConfig.from_dict({"method": "la", "la_tau": 0.5, "la_form": "posthoc"})
+    values = config.to_dict()
+    assert "options" not in values and values["la_tau"] == 0.5
+    assert TrialConfig.from_dict(values) == config

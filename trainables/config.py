@@ -118,7 +118,8 @@ class TrialConfig:
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        return {**values, **values.pop("options")}
+        options = values.pop("options")  # a method's own options read as plain fields
+        return {**values, **options}
 
     def phase_plan(self) -> list[tuple[str, int]]:
         """The phases this trial runs, in order, with their epochs."""
