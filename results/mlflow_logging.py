@@ -8,7 +8,9 @@ Schema (what results/leaderboard.py and users can rely on):
 - Parent run (one per sweep), name = sweep name. Tags:
     tailtune.role=sweep, tailtune.sweep=<sweep name>, tailtune.space, tailtune.dataset,
     tailtune.imbalance, tailtune.seed, tailtune.protocol, tailtune.status
-    (running | completed | interrupted | failed), tailtune.results_dir (Tune results).
+    (running | completed | interrupted | failed), tailtune.results_dir (Tune results),
+    tailtune.val_images (the balanced validation split's size: the leaderboard's standard
+    errors are over it; every child has it too).
   Params: the sweep options (num_samples, scheduler, epochs, ...).
   Metrics: best_val_all, best_test_all (the best completed trial), trials_<status> counts.
 - Child run (one per trial), name = the trial key (the Tune trial id; a trial adopted after a
@@ -22,19 +24,23 @@ Schema (what results/leaderboard.py and users can rely on):
     completed | stopped_early (ASHA or the time budget ended it) | diverged (its loss became
     non-finite) | failed (an error, retries spent) | interrupted (the sweep was interrupted
     before the trial ended; --resume continues it and this run).
-  Params: the full trial config (every TrialConfig field).
+  Params: the full trial config (every TrialConfig field), and the searched values as sampled
+    (`search.<dimension>`, before a space derives config fields from them: what Optuna shows);
+    tag tailtune.searched names them, comma-separated.
   Metrics per epoch, step = epoch (1-based, global over phases): val_all, val_many, val_medium,
     val_few, train_loss, lr, images_per_second, epoch_seconds, train_seconds, trial_seconds
     (since the trial process started it, data loading included), ncm_* (the nearest-class-mean
     accuracy of the features, DRO phase). Epochs replayed from the stage-1 cache are logged
-    too (epoch_seconds 0), so every trial has the same steps. Each step is logged once: epochs
+    too, without the timing metrics (REPLAY_OMITTED: this trial did not train them), so every
+    trial has the same accuracy steps. Each step is logged once: epochs
     a retried or resumed trial trains again are not logged again.
   Final metrics (step = epochs run): val_all, val_many, val_medium, val_few, test_all,
     test_many, test_medium, test_few, epochs_run. A Many/Medium/Few group without classes has
     no metric (missing, never 0). Only completed and diverged trials have test_* metrics.
   Artifacts: config.json (the trial config), per_class.csv (class, train_count, group,
     val_acc, test_acc), diagnostics.json (learned radii, classifier row norms, MaxNorm radius),
-    plots/ (results.plots, when the sweep logs plots).
+    plots/ (results.plots, when the sweep logs plots). A trial stopped early or failed has
+    config.json and plots/learning_curves.png only (no per-class evaluation was made).
 - MLflow run status: FINISHED for completed / stopped_early / diverged, FAILED for failed,
   KILLED for interrupted (a resumed sweep reopens them: RUNNING again).
 

@@ -108,9 +108,6 @@ def make_sweep_plots(study: Any, out_dir: str | Path, target_name: str = OBJECTI
         notes.append(f"{name}: drawn from {shown}")
         figure.update_layout(title=f"{figure.layout.title.text or name} ({shown})")
         if name == "parallel_coordinate":
-            for trace in figure.data:
-                if trace.type == "parcoords":
-                    trace.line.colorscale = COLOURMAP.capitalize()
             figure.update_layout(margin={"l": 80, "r": 80})
         if name == "intermediate_values":
             figure.update_layout(xaxis_title="epoch", yaxis_title=target_name)
