@@ -391,7 +391,7 @@ def write_report(path: Path, command: str, env: dict[str, str], studies: dict[st
         seconds = sum(r.seconds for recs in records_by_row.values() for r in recs)
         parts += ["", f"Trial wall time for this study: {seconds / 60:.1f} min.", "",
                   "Configs (plus `seed` and `device`; every other field at its TrialConfig "
-                  "default, after the method's METHOD_DEFAULTS):", ""]
+                  "default, after the method's registered defaults (trainables/methods)):", ""]
         parts += [f"- {name}: `{json.dumps(values)}`" for name, values in study.rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts) + "\n")

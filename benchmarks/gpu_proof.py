@@ -67,9 +67,9 @@ try:
 
     import trainables
     from trainables.centroids import compute_centroids
-    from trainables.cifar import CIFAR_MEAN, CIFAR_STD
     from trainables.config import METHODS, PRESETS, RADII, TrialConfig
     from trainables.data import ArraySplit, LTDataset, register_dataset
+    from trainables.datasets.cifar import CIFAR_MEAN, CIFAR_STD
     from trainables.losses import dro_loss, make_radii
     from trainables.lt_profile import long_tail_counts
     from trainables.models import create_model
@@ -517,7 +517,8 @@ def correctness_variants(base: dict[str, Any]) -> list[tuple[str, dict[str, Any]
 def stage_correctness(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     device = resolve_device(args.device)
     dataset = synthetic_cifar10_lt(sizes)
-    register_dataset(SYNTHETIC_NAME)(lambda **_: dataset)
+    register_dataset(SYNTHETIC_NAME, scale="cifar", n_max=None,
+                     default_model="resnet32")(lambda **_: dataset)
     batch = sizes.batch_size
     base = {"dataset": SYNTHETIC_NAME, "model": "resnet32", "device": device.type, "seed": 0,
             "batch_size": batch, "dro_batch_size": batch, "cls_batch_size": batch, "amp": True}
@@ -882,7 +883,8 @@ def packing_worker(args: argparse.Namespace, sizes: Sizes) -> int:
     sync = Path(args.sync_dir)
     device = resolve_device(args.device)
     dataset = throughput.synthetic_cifar_lt(sizes.packing_images)
-    register_dataset(throughput.SYNTHETIC_NAME)(lambda **_: dataset)
+    register_dataset(throughput.SYNTHETIC_NAME, scale="cifar", n_max=None,
+                     default_model="resnet32")(lambda **_: dataset)
     config = {"dataset": throughput.SYNTHETIC_NAME, "model": "resnet32", "device": device.type,
               "method": "ce", "classifier": "none", "batch_size": sizes.batch_size, "epochs": 1}
     run_trial(config)  # CUDA context, cuDNN autotuning, data on the device: not timed

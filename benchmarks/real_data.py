@@ -47,8 +47,8 @@ if str(REPO) not in sys.path:  # runnable as a plain script from anywhere
 
 from compare_methods import environment  # noqa: E402
 
+from search.ledger import Ledger, Status  # noqa: E402
 from search.options import SWEEP_FILE  # noqa: E402
-from search.sweep import RECORDS_FOLDER  # noqa: E402
 from spaces import get_space  # noqa: E402
 from spaces.core import scale_phases  # noqa: E402
 from trainables.config import PRESETS  # noqa: E402
@@ -192,7 +192,9 @@ def stop_children(signum: int, _frame: Any) -> None:
 def run_trial_unit(unit: Unit, log_dir: Path) -> dict[str, Any]:
     config = {**unit.config, "seed": unit.seed, "data_dir": data_dir(BENCHMARKS[unit.bench])}
     args = [sys.executable, "-m", "trainables.pipeline", "--json"]
-    for name, value in config.items():
+    # a method's own options (TrialConfig.options) are flags of their own on the command line
+    flat = {**{k: v for k, v in config.items() if k != "options"}, **(config.get("options") or {})}
+    for name, value in flat.items():
         if value is not None:
             args += ["--" + name.replace("_", "-"), str(value)]
     start = time.perf_counter()
@@ -236,16 +238,15 @@ def run_sweep_unit(unit: Unit, storage: Path, log_dir: Path) -> dict[str, Any]:
 
 
 def best_trial(folder: Path) -> dict[str, Any]:
-    """The completed trial with the highest validation accuracy, from the sweep's end records."""
-    records = [json.loads(path.read_text()) for path in (folder / RECORDS_FOLDER).glob("*.json")]
+    """The completed trial with the highest validation accuracy, from the sweep's ledger."""
+    entries = Ledger(folder).entries()
     counts: dict[str, int] = {}
-    for record in records:
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
-    done = [r["result"] for r in records if r["status"] == "completed"]
+    for entry in entries:
+        counts[entry.status.value] = counts.get(entry.status.value, 0) + 1
+    done = [e for e in entries if e.status is Status.COMPLETED]
     if not done:
         raise RuntimeError(f"no completed trial in {folder}")
-    best = max(done, key=lambda result: result["val_all"])
-    outcome = best["outcome"]
+    outcome = max(done, key=lambda entry: entry.result["val_all"]).result["outcome"]
     return {"config": outcome["config"], "val": pick(outcome["val"]), "counts": counts}
 
 

@@ -41,9 +41,9 @@ from torchvision import transforms
 # Run as a script from anywhere: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainables.cifar import CIFAR_MEAN, CIFAR_STD  # noqa: E402
 from trainables.config import ConfigError, TrialConfig  # noqa: E402
 from trainables.data import ArraySplit, LTDataset, register_dataset  # noqa: E402
+from trainables.datasets.cifar import CIFAR_MEAN, CIFAR_STD  # noqa: E402
 from trainables.loop import EpochStats, train_epoch  # noqa: E402
 from trainables.lt_profile import long_tail_counts  # noqa: E402
 from trainables.models import create_model  # noqa: E402
@@ -226,7 +226,8 @@ def compare(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 def full_stage1(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The real pipeline's stage 1 (per-epoch validation included) for `--epochs` epochs."""
     dataset = synthetic_cifar_lt(args.images)
-    register_dataset(SYNTHETIC_NAME)(lambda **_: dataset)
+    register_dataset(SYNTHETIC_NAME, scale="cifar", n_max=None,
+                     default_model="resnet32")(lambda **_: dataset)
     config = {
         "dataset": SYNTHETIC_NAME,
         "model": "resnet32",

@@ -42,6 +42,7 @@ from results.published import (  # noqa: E402
     Published,
     published_methods,
 )
+from trainables.methods import METHODS, get_method  # noqa: E402
 
 REFERENCE_DATASET = "cifar100_lt"
 NOT_MEASURED = "not measured"
@@ -49,42 +50,18 @@ OTHER_DATASET = "n/a (different dataset)"
 GROUPS = ("all", "many", "medium", "few")
 PROTOCOLS = {"holdout": "holdout (selected on validation)",
              "paper": "paper (selected on TEST)"}
-METHOD_NAMES = {
-    "ce": "CE, stage 1 only",
-    "ce+tau_norm": "CE features + tau-norm classifier",
-    "ce+crt": "CE features + retrained classifier (cRT)",
-    "wb/cb": "WD features, then classifier with WD + CB loss",
-    "wb/cb+maxnorm": "WD features, then classifier with WD + CB loss + MaxNorm",
-}
-
-
 def method_key(params: Mapping[str, Any]) -> str:
-    """What a trial ran, as the key published numbers are matched on (results/published.py).
-
-    DRO trials: "<method>/<radius>" (dro_lt/learned, dro_wb/count, ...). Otherwise by the
-    classifier phase: none -> "ce", tau-norm -> "ce+tau_norm", retrained with a class-balanced
-    loss -> "wb/cb" or "wb/cb+maxnorm", retrained with plain CE -> "ce+crt".
-    """
-    if int(params.get("dro_epochs") or 0) > 0:
-        return f"{params.get('method', 'dro_lt')}/{params.get('radius', '?')}"
-    classifier = params.get("classifier", "none")
-    if classifier == "tau_norm":
-        return "ce+tau_norm"
-    if classifier == "retrain" and int(params.get("cls_epochs") or 0) > 0:
-        if params.get("cls_loss") in ("cb", "cb_bce"):
-            return "wb/cb" + ("+maxnorm" if params.get("maxnorm", "off") != "off" else "")
-        return "ce+crt"
-    return "ce"
+    """What a trial ran, as the key published numbers are matched on (results/published.py):
+    its method's `report_key` (trainables.methods), e.g. "dro_lt/learned", "wb/cb+maxnorm"."""
+    return get_method(params.get("method", "ce")).report_key(params)
 
 
 def method_name(key: str) -> str:
-    if key in METHOD_NAMES:
-        return METHOD_NAMES[key]
-    family, _, radius = key.partition("/")
-    if family == "dro_lt":
-        return f"DRO-LT ({radius} radius) + cRT"
-    if family == "dro_wb":
-        return f"DRO-LT ({radius} radius) + WB classifier"
+    """The readable name a method gives a report key; a key no registered method names (a
+    trial of a method this version no longer has) is shown as it is."""
+    for method in METHODS.values():
+        if key in method.report_names:
+            return method.report_names[key]
     return key
 
 

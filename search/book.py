@@ -28,7 +28,7 @@ from typing import Any
 
 import optuna
 
-from search.ledger import Entry, Ledger, Status
+from search.ledger import BACKFILL, Entry, Ledger, Status
 from search.optuna_adapter import TrialState, live_trial
 from trainables.config import TrialConfig
 
@@ -117,7 +117,7 @@ class SweepBook:
     def epoch(self, key: str, result: Mapping[str, Any]) -> None:
         """One reported epoch (and the earlier ones a restart made the driver lose)."""
         self._last[key] = dict(result)
-        for earlier in result.get("backfill") or ():
+        for earlier in result.get(BACKFILL) or ():
             self.recorder.log_epoch(key, earlier)
         if "epoch" in result:
             self.recorder.log_epoch(key, result)

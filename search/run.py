@@ -29,9 +29,10 @@ PROG = "search/run.py"
 
 def list_spaces() -> str:
     from spaces import get_space, space_names
-    from spaces.recipes import DATASET_SCALE
+    from spaces.recipes import dataset_scale
+    from trainables.data import dataset_names
 
-    scales = ", ".join(f"{name}={scale}" for name, scale in DATASET_SCALE.items())
+    scales = ", ".join(f"{name}={dataset_scale(name)}" for name in dataset_names())
     blocks = [get_space(name).describe() for name in space_names()]
     return "\n\n".join([*blocks, f"dataset scales (which fixed plan applies): {scales}"])
 

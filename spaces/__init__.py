@@ -1,7 +1,7 @@
 """Search spaces: `--space NAME` -> a define-by-run Optuna space plus fixed settings per dataset.
 
-Each module here defines one `SPACE` (see spaces.core.Space); the registry below maps its name to
-it, like a model registry: a new space is a new module and one line in `_MODULES`.
+Each module here registers one space (`register_space(Space(...))`, see spaces.core); the
+modules are imported on the first lookup, so a new space is a new module and nothing else.
 
     from spaces import get_space, fixed_settings
     space = get_space("dro_lt")
@@ -11,27 +11,24 @@ it, like a model registry: a new space is a new module and one line in `_MODULES
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any
 
-from spaces.core import PHASE_EPOCH_FIELDS, Dimension, Sampler, Space, SpaceError, scale_phases
+from spaces.core import (
+    PHASE_EPOCH_FIELDS,
+    SPACES,
+    Dimension,
+    Sampler,
+    Space,
+    SpaceError,
+    get_space,
+    register_space,
+    scale_phases,
+    space_names,
+)
 from spaces.recipes import SCALE_SETTINGS, dataset_scale
 
-__all__ = ["Dimension", "Sampler", "Space", "SpaceError", "fixed_settings", "get_space",
-           "space_names"]
-
-_MODULES = {"ce": "spaces.ce", "dro_lt": "spaces.dro_lt", "wb": "spaces.wb",
-            "dro_wb": "spaces.dro_wb"}
-
-
-def space_names() -> list[str]:
-    return list(_MODULES)
-
-
-def get_space(name: str) -> Space:
-    if name not in _MODULES:
-        raise SpaceError(f"unknown space {name!r}; accepted: {', '.join(_MODULES)}")
-    return import_module(_MODULES[name]).SPACE
+__all__ = ["SPACES", "Dimension", "Sampler", "Space", "SpaceError", "fixed_settings",
+           "get_space", "register_space", "space_names"]
 
 
 def fixed_settings(space: Space, dataset: str, epochs: int | None = None) -> dict[str, Any]:
@@ -40,6 +37,9 @@ def fixed_settings(space: Space, dataset: str, epochs: int | None = None) -> dic
     `epochs` replaces the plan's total epochs, split over its phases in the same proportions.
     """
     scale = dataset_scale(dataset)
+    if scale not in space.plans:
+        raise SpaceError(f"space {space.name!r} has no plan for {dataset} (scale {scale}); "
+                         f"accepted: a dataset of scale {', '.join(space.plans)}")
     fixed: dict[str, Any] = {"dataset": dataset, **SCALE_SETTINGS[scale], **space.plans[scale]}
     if epochs is not None:
         plan = {name: int(fixed.get(name, 0)) for name in PHASE_EPOCH_FIELDS.values()}

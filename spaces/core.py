@@ -4,6 +4,9 @@ A `Space` lists its dimensions once; sampling (`Sampler`), range checks and `--l
 read that one list, so what is printed is what is sampled. A dimension can be conditional on
 another one (`when`): it is suggested only when the other has one of the listed values, which is
 how Optuna's define-by-run spaces express "eps only when the radius is not erm".
+
+A space registers itself with `register_space(Space(...))` in its own module of this package;
+the package is imported on the first lookup, so a new space is a new module and nothing else.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from trainables.data import SCALES
+from trainables.methods import METHODS
+from trainables.registry import Registry, RegistryError, import_package
 
 PHASES = ("stage1", "dro", "classifier")
 # TrialConfig field holding each phase's epochs.
@@ -100,6 +107,7 @@ class Space:
     plans: Mapping[str, Mapping[str, Any]]
     derive: Derive | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    order: int = 100  # position in listings and "accepted:" lines; the four original spaces first
 
     def dimension(self, name: str) -> Dimension:
         for dim in self.dimensions:
@@ -158,8 +166,6 @@ class Sampler:
         self.fixed = dict(fixed)
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        from spaces import get_space
-
         space = get_space(self.space_name)
         params = space.sample(trial)
         # Tune's config = the Optuna params (captured) plus this: the full trial config.
@@ -191,3 +197,41 @@ def scale_phases(plan: Mapping[str, int], total: int) -> dict[str, int]:
             scaled[name] -= 1
         index += 1
     return {name: scaled.get(name, 0) for name in plan}
+
+
+def _check_space(name: str, space: Space) -> None:
+    if not isinstance(space, Space):
+        raise RegistryError(f"space {name!r} must be a spaces.core.Space; "
+                            f"got {type(space).__name__}")
+    if space.name != name:
+        raise RegistryError(f"space {space.name!r} registered as {name!r}; accepted: its name")
+    if space.method not in METHODS:
+        raise RegistryError(f"space {name!r} searches method {space.method!r}; accepted: "
+                            f"{', '.join(METHODS)}")
+    for dim in space.dimensions:
+        if dim.phase not in PHASES:
+            raise RegistryError(f"space {name!r} dimension {dim.name!r} has phase {dim.phase!r}; "
+                                f"accepted: {', '.join(PHASES)}")
+    for scale in space.plans:
+        if scale not in SCALES:
+            raise RegistryError(f"space {name!r} has a plan for scale {scale!r}; accepted: "
+                                f"{', '.join(SCALES)}")
+
+
+SPACES: Registry[Space] = Registry(
+    "space", SpaceError, discover=lambda: import_package("spaces"),
+    order=lambda name, space: (space.order, name), check=_check_space,
+)
+
+
+def register_space(space: Space) -> Space:
+    """Register `space` under its name; the module defining it calls this at import."""
+    return SPACES.register(space.name, space)
+
+
+def get_space(name: str) -> Space:
+    return SPACES.get(name)
+
+
+def space_names() -> list[str]:
+    return SPACES.names()

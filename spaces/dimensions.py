@@ -44,6 +44,10 @@ CB_ONE_MINUS_BETA = Dimension("cb_one_minus_beta", "classifier",
                               "1 - beta of the class-balanced loss", 1e-4, 1e-1, log=True,
                               derived=True)
 
+CLS_NORM = Dimension("cls_norm", "classifier",
+                     "L2-normalised classifier rows times a learned scale, or plain rows",
+                     choices=("off", "l2"))
+
 DRO_LT = (LAM, RADIUS, EPS, TEMPERATURE, DRO_LR, DRO_WEIGHT_DECAY)
 WB_STAGE2 = (CLS_LR, CLS_WEIGHT_DECAY, MAXNORM, MAXNORM_T, CB_ONE_MINUS_BETA)
 

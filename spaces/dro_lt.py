@@ -2,10 +2,10 @@
 of a sweep through the stage-1 cache; the search acts on the DRO phase; then cRT retrains the
 classifier with class-balanced sampling."""
 
-from spaces.core import Space
+from spaces.core import Space, register_space
 from spaces.dimensions import DRO_LT, derive_fields
 
-SPACE = Space(
+SPACE = register_space(Space(
     name="dro_lt",
     method="dro_lt",
     summary="DRO-LT features (CE + robust loss), then class-balanced classifier retraining",
@@ -18,4 +18,5 @@ SPACE = Space(
     derive=derive_fields,
     notes=("stage 1 (lr 0.1, weight decay 2e-4) is not searched: all trials share one stage-1 "
            "model", "count radius: eps_c = eps * sqrt(n_max / n_c)"),
-)
+    order=1,
+))

@@ -1,10 +1,10 @@
 """`dro_wb`: Weight Balancing's stage 1, DRO-LT on its features, then Weight Balancing's
 classifier; every dimension of `dro_lt` and `wb`."""
 
-from spaces.core import Space
+from spaces.core import Space, register_space
 from spaces.dimensions import DRO_LT, LR, WB_STAGE2, WEIGHT_DECAY, derive_fields
 
-SPACE = Space(
+SPACE = register_space(Space(
     name="dro_wb",
     method="dro_wb",
     summary="weight-decayed CE features, DRO-LT, then the Weight Balancing classifier",
@@ -16,4 +16,5 @@ SPACE = Space(
     },
     derive=derive_fields,
     notes=("count radius: eps_c = eps * sqrt(n_max / n_c)",),
-)
+    order=3,
+))

@@ -1,28 +1,16 @@
-"""Dataset-level fixed settings every space shares: batch sizes and the size class of the data.
+"""Dataset-level fixed settings every space shares: batch sizes per size class of the data.
 
-A space's phase lengths depend on how big the dataset is, not on which CIFAR it is, so datasets
-map to a scale ("tiny": the embedded digits_lt, sized for a sweep of minutes on a laptop CPU;
-"cifar": the papers' CIFAR-LT recipes; "large": ImageNet-LT, Places-LT, iNaturalist) and every
-space declares one plan per scale. A dataset registered later without an entry here gets the
-"cifar" recipe.
+A space's phase lengths depend on how big the dataset is, not on which CIFAR it is, so every
+dataset declares its scale when it registers (trainables.data.SCALES: "tiny", "cifar", "large")
+and every space declares one plan per scale.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-SCALES = ("tiny", "cifar", "large")
-
-DATASET_SCALE = {
-    "digits_lt": "tiny",
-    "cifar10_lt": "cifar",
-    "cifar100_lt": "cifar",
-    "fashion_mnist_lt": "cifar",
-    "imagefolder": "cifar",
-    "imagenet_lt": "large",
-    "places_lt": "large",
-    "inat2018": "large",
-}
+from spaces.core import SpaceError
+from trainables.data import dataset_info
 
 # Settings of the data pipeline, independent of the method (docs/methods.md 3 and 4).
 SCALE_SETTINGS: dict[str, dict[str, Any]] = {
@@ -33,23 +21,19 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
     "large": {"batch_size": 256, "dro_batch_size": 256, "cls_batch_size": 256, "warmup_epochs": 5},
 }
 
-# Training images of the largest class (n_max of the LT construction). The `count` radius is
-# eps_c = eps / sqrt(n_c); spaces sample the head class's radius and scale it by sqrt(n_max) so
-# one eps range means the same thing for every radius variant (docs/methods.md 6).
-COUNT_REFERENCE = {
-    "digits_lt": 110,
-    "cifar10_lt": 5000,
-    "cifar100_lt": 500,
-    "fashion_mnist_lt": 6000,
-    "imagenet_lt": 1280,
-    "places_lt": 4980,
-    "inat2018": 1000,
-}
-
 
 def dataset_scale(dataset: str) -> str:
-    return DATASET_SCALE.get(dataset, "cifar")
+    return dataset_info(dataset).scale
 
 
 def count_reference(dataset: str) -> int:
-    return COUNT_REFERENCE.get(dataset, 500)
+    """Training images of the largest class (n_max of the LT construction). The `count` radius
+    is eps_c = eps / sqrt(n_c); spaces sample the head class's radius and scale it by
+    sqrt(n_max), so one eps range means the same thing for every radius variant
+    (docs/methods.md 6). A dataset whose n_max depends on its data declares none: the sweep then
+    passes the built dataset's own (search/plan.py), and without it this is an error."""
+    n_max = dataset_info(dataset).n_max
+    if n_max is None:
+        raise SpaceError(f"the count radius needs the head-class size n_max, which {dataset} "
+                         "takes from its data; accepted: n_max in the trial config (--n-max)")
+    return n_max

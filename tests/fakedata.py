@@ -1,10 +1,10 @@
 """Generated stand-ins for the real benchmark files, written in the real formats.
 
 `write_cifar_archive` writes the official CIFAR python archive layout (pickled batches), so the
-real reader in `trainables.cifar` runs unchanged; `write_image_tree` writes real JPEG / PNG files
-and `<relative path> <label>` list files named as the ImageNet-LT, Places-LT and iNaturalist 2018
-releases name them. Pixels are random (fixed seed): tests check sizes, splits and plumbing, not
-accuracy.
+real reader in `trainables.datasets.cifar` runs unchanged; `write_image_tree` writes real JPEG /
+PNG files and `<relative path> <label>` list files named as the ImageNet-LT, Places-LT and
+iNaturalist 2018 releases name them. Pixels are random (fixed seed): tests check sizes, splits
+and plumbing, not accuracy.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ resume path. test_fault_tolerance.py pins the moments that once broke; this look
 Each round: a 4-trial x 6-epoch ce sweep on digits_lt, SIGKILL, SIGINT or SIGTERM to its process
 group at a random offset after Tune's tuner.pkl appears (0-14 s: before Tune's first snapshot,
 while trials are asked, start on reused actors, train and end), half the time to a --resume too,
-then a final --resume that must end with exactly 4 trials in Tune, Optuna and MLflow, all
+then a final --resume that must end with exactly 4 trials in the ledger, Optuna and MLflow, all
 completed, every epoch logged once. A driver that was signalled, not killed, must not claim a
 sweep completed that was not (exit 0 with fewer than 4 end records).
 """

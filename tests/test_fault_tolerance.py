@@ -24,6 +24,7 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from processes import marked
 from ray.tune.search import Searcher
 
 from results.mlflow_logging import SweepRecorder, local_tracking_uri
@@ -76,22 +77,9 @@ def _records(storage: Path, name: str) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime_ns for p in folder.glob("*/end.json")}
 
 
-def _marked_processes(marker: str) -> list[str]:
-    """Live (not zombie) processes carrying the marker: what the driver started and left."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if f"TAILTUNE_TEST_MARK={marker}".encode() not in (proc / "environ").read_bytes():
-                continue
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-        except OSError:
-            continue
-        if state != "Z":
-            found.append(f"{proc.name} {command}")
-    return found
+def _marked_processes(marker: str, session: int | None = None) -> list[str]:
+    """Live processes the driver started and left: carrying the marker, or in its session."""
+    return [f"{pid} {command}" for pid, command in marked(marker, session).items()]
 
 
 def _children(storage: Path) -> list:
@@ -166,11 +154,11 @@ def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: in
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    leftovers = _marked_processes(marker)
+    leftovers = _marked_processes(marker, proc.pid)
     deadline = time.monotonic() + 20  # workers notice their raylet's death within seconds
     while leftovers and time.monotonic() < deadline:
         time.sleep(0.5)
-        leftovers = _marked_processes(marker)
+        leftovers = _marked_processes(marker, proc.pid)
     before = {"records": _records(storage, name), "mlflow": _snapshot_mlflow(storage),
               "tune_snapshot": _has_experiment_state(storage / name / "tune"),
               "statuses": sorted((r.info.status, r.data.tags["tailtune.status"])
@@ -489,7 +477,7 @@ def test_a_diverging_trial_is_marked_failed_in_optuna_and_the_sweep_goes_on(
     import spaces
 
     monkeypatch.setitem(sys.modules, _DIVERGE_MODULE, _diverging_space())
-    monkeypatch.setitem(spaces._MODULES, "diverge", _DIVERGE_MODULE)
+    monkeypatch.setitem(spaces.SPACES, "diverge", sys.modules[_DIVERGE_MODULE].SPACE)
     storage, name = tmp_path / "runs", "diverge"
     code = main(["--space", "diverge", "--num-samples", "3", "--max-concurrent", "1",
                  "--scheduler", "none", "--storage", str(storage), "--name", name,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fakedata import write_image_tree
 
 from trainables.data import DataError, build_dataset
-from trainables.listfile import IMAGENET_MEAN, IMAGENET_STD, epoch_order
+from trainables.datasets.listfile import IMAGENET_MEAN, IMAGENET_STD, epoch_order
 from trainables.models import create_model
 
 CPU = torch.device("cpu")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from processes import marked as _marked
 
 from search import ray_adapter
 from search.reaper import MARKER_VARIABLE
@@ -70,28 +71,6 @@ def _env(marker: str, ray_tmp: Path, **extra: str) -> dict[str, str]:
     env.update(RAY_TMPDIR=str(ray_tmp), TAILTUNE_TEST_MARK=marker, RAY_USAGE_STATS_ENABLED="0")
     env.update(extra)
     return env
-
-
-def _marked(marker: str, session: int | None = None) -> dict[int, str]:
-    """Live (not zombie) processes carrying the marker, or in `session` (the process session a
-    test started with start_new_session): pid -> command line. Both, because Ray's agents
-    retitle themselves over the memory /proc/<pid>/environ shows: no marker to read there."""
-    found = {}
-    entry = f"TAILTUNE_TEST_MARK={marker}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[3]) != session and \
-                    entry not in (proc / "environ").read_bytes().split(b"\0"):
-                continue
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except (OSError, IndexError, ValueError):
-            continue
-        if stat[0] != "Z":
-            found[int(proc.name)] = command[:160]
-    return found
 
 
 def _kill_marked(marker: str, session: int | None = None) -> None:

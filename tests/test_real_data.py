@@ -22,10 +22,10 @@ import torch
 from fakedata import write_cifar_archive, write_folder_tree, write_idx, write_image_tree
 from PIL import Image
 
-from trainables import imagefolder
-from trainables.cifar import CIFAR10_CLASSES, JPEG_SOURCE
 from trainables.data import DataError, build_dataset
-from trainables.fashion_mnist import SYSTEM_DIR
+from trainables.datasets import imagefolder
+from trainables.datasets.cifar import CIFAR10_CLASSES, JPEG_SOURCE
+from trainables.datasets.fashion_mnist import SYSTEM_DIR
 from trainables.lt_profile import long_tail_counts
 from trainables.models import create_model
 
@@ -355,7 +355,7 @@ def test_an_undecodable_list_image_is_found_and_a_checked_release_is_not_decoded
         raise AssertionError("checked again")
 
     with monkeypatch.context() as patch:
-        patch.setattr("trainables.listfile.decode_images", no_decode)
+        patch.setattr("trainables.datasets.listfile.decode_images", no_decode)
         build_dataset("imagenet_lt", data_dir=str(root), image_size=16)
     bad = _lines(lists["val"])[3].rsplit(maxsplit=1)[0]
     (root / bad).write_bytes(b"\xff\xd8\xff not a jpeg")

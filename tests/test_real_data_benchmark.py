@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainables.fashion_mnist import SYSTEM_DIR
+from trainables.datasets.fashion_mnist import SYSTEM_DIR
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_data.py"
 

@@ -57,7 +57,8 @@ def draw(space_name: str, count: int = SAMPLES, seed: int = 0) -> list[dict]:
 
 
 def test_registry_has_the_four_spaces_and_refuses_others() -> None:
-    assert set(space_names()) == {"ce", "dro_lt", "wb", "dro_wb"}
+    # the registry is open (a new space is a new module): the four come first, others may follow
+    assert space_names()[:4] == ["ce", "dro_lt", "wb", "dro_wb"]
     with pytest.raises(SpaceError, match=r"unknown space 'dro'; accepted: ce, dro_lt, wb, dro_wb"):
         get_space("dro")
 

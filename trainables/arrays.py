@@ -53,7 +53,7 @@ def lt_from_arrays(
     std: tuple[float, ...] | None = None,
     crop_padding: int = 4,
     flip: bool = True,
-    default_model: str = "resnet32",
+    default_model: str | None = None,
     info: dict[str, Any] | None = None,
 ) -> LTDataset:
     """Long-tailed training set, balanced validation from the leftovers, the full test set.

@@ -19,7 +19,10 @@ _FROZEN_MARK = "_tailtune_frozen_eval"
 
 def class_row_norms(linear: nn.Linear) -> torch.Tensor:
     """||w_c||_2 for every class row, shape (C,), detached."""
-    return linear.weight.detach().norm(dim=1)
+    # an L2-normalised classifier computes its logits with scaled unit rows, not its raw weight
+    effective = getattr(linear, "effective_weight", None)
+    weight = effective() if effective is not None else linear.weight
+    return weight.detach().norm(dim=1)
 
 
 def relative_maxnorm_radius(row_norms: torch.Tensor, t: float) -> float:

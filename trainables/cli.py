@@ -5,8 +5,9 @@
     python -m trainables.pipeline --method wb --wd 5e-3 --maxnorm 0.1
     python -m trainables.pipeline --preset wb_paper --dataset cifar100_lt --data-dir data --download
 
-Every TrialConfig field is a flag (`--cls-lr`, `--dro-epochs`, ...). Bad input prints one line
-and exits 2.
+Every TrialConfig field is a flag (`--cls-lr`, `--dro-epochs`, ...), and so is every option a
+registered method owns (`--la-tau`, listed under its method in `--help`). Bad input prints one
+line and exits 2.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 
 from trainables.config import PRESETS, ConfigError, TrialConfig
 from trainables.data import DataError, dataset_names
-
-ALIASES = {"wd": "weight_decay", "lambda": "lam"}
+from trainables.methods import METHODS
+from trainables.pipeline import run_trial
 
 
 def _parse_bool(text: str) -> bool:
@@ -56,21 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="MaxNorm: a number is the relative radius t (projection every step); or a mode",
     )
     for item in fields(TrialConfig):
-        if item.name == "maxnorm":
+        if item.name in ("maxnorm", "options"):
             continue
         flag = "--" + item.name.replace("_", "-")
         parser.add_argument(flag, dest=item.name, type=_field_type(str(item.type)), default=None)
     parser.add_argument("--wd", dest="weight_decay", type=float, help="alias of --weight-decay")
     parser.add_argument("--lambda", dest="lam", type=float, help="alias of --lam")
+    for method in METHODS.values():
+        if not method.options:
+            continue
+        group = parser.add_argument_group(f"method {method.name}", method.summary)
+        for option in method.options:
+            kind = str if option.choices else float
+            group.add_argument("--" + option.name.replace("_", "-"), dest=option.name, type=kind,
+                               choices=option.choices or None, default=None, help=option.help)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrialConfig:
     values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
-    for item in fields(TrialConfig):
-        given = getattr(args, item.name, None)
-        if given is not None and item.name != "maxnorm":
-            values[item.name] = given
+    names = [item.name for item in fields(TrialConfig) if item.name not in ("maxnorm", "options")]
+    names += [option.name for method in METHODS.values() for option in method.options]
+    for name in names:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
     if args.maxnorm is not None:
         if args.maxnorm in ("off", "step", "epoch"):
             values["maxnorm"] = args.maxnorm
@@ -147,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        from trainables.pipeline import run_trial
-
         result = run_trial(
             config, on_epoch=None if args.json else print_epoch, cache_dir=args.cache_dir
         )

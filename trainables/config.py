@@ -1,18 +1,23 @@
 """One trial's configuration: every knob of the three phases, validated up front.
 
-A trial is: stage 1 (cross-entropy feature learning), an optional DRO-LT phase (CE + robust
-representation loss), and an optional classifier phase (retraining on frozen features, or post-hoc
-tau-normalisation). `method` picks sensible phase defaults; any field can be overridden.
+A trial is: stage 1 (feature learning; cross-entropy unless its method brings another loss), an
+optional DRO-LT phase (CE + robust representation loss), and an optional classifier phase
+(retraining on frozen features, or post-hoc tau-normalisation). `method` (a registered
+`trainables.methods.Method`) picks sensible phase defaults, any field can be overridden, and the
+fields a method owns (its `options`) are accepted for that method only.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-METHODS = ("ce", "dro_lt", "wb", "dro_wb")
-RADII = ("erm", "shared", "count", "learned")
+from trainables.checks import ConfigError, check_choice, check_integer, check_range
+from trainables.losses import RADII
+from trainables.methods import METHODS, get_method, option_owner
+from trainables.normalised_classifier import CLASSIFIER_NORMS
+
 SCHEDULES = ("warmup_multistep", "cosine", "constant")
 CENTROID_PASSES = ("clean", "augmented")
 DRO_COMBINES = ("convex", "sum")
@@ -22,10 +27,6 @@ CLASSIFIER_LOSSES = ("ce", "cb", "cb_bce")
 MAXNORM_MODES = ("off", "step", "epoch")
 SAMPLERS = ("instance", "class_balanced", "class_aware")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A configuration value a user can fix; the message names it and what is accepted."""
 
 
 @dataclass
@@ -78,6 +79,8 @@ class TrialConfig:
     cls_schedule: str = "cosine"
     cls_sampler: str = "instance"
     cls_loss: str = "ce"
+    cls_norm: str = "off"  # l2: unit-norm rows times a scale (trainables.normalised_classifier)
+    cls_norm_scale: float | None = None  # None: the scale is learned
     cb_beta: float = 0.9999
     maxnorm: str = "off"
     maxnorm_radius: float | None = None  # absolute delta; None: relative to stage-1 norms
@@ -85,23 +88,37 @@ class TrialConfig:
     tau: float = 1.0
     # numerics
     amp: bool = True  # bf16 autocast + channels-last on CUDA
+    # the fields the method owns (its `options`), by name; flat in from_dict / to_dict
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrialConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = {f.name for f in fields(cls)} - {"options"}
+        own = {key: value for key, value in values.items()
+               if key not in known and option_owner(key) is not None}
+        unknown = sorted(set(values) - known - set(own))
         if unknown:
+            accepted = sorted(known | {o.name for m in METHODS.values() for o in m.options})
             raise ConfigError(
-                f"unknown config key {unknown[0]!r}; accepted: {', '.join(sorted(known))}"
+                f"unknown config key {unknown[0]!r}; accepted: {', '.join(accepted)}"
             )
-        method = values.get("method", "ce")
-        merged = {**METHOD_DEFAULTS.get(method, {}), **values}
-        config = cls(**merged)
+        check_choice("method", values.get("method", "ce"), tuple(METHODS))
+        method = get_method(values.get("method", "ce"))
+        for key in own:
+            owner = option_owner(key)
+            if owner is not method:
+                raise ConfigError(f"{key} is an option of method {owner.name}, not of "
+                                  f"{method.name}; accepted with {method.name}: "
+                                  f"{', '.join(method.option_defaults()) or 'none'}")
+        plain = {key: value for key, value in values.items() if key in known}
+        config = cls(**{**method.defaults, **plain},
+                     options={**method.option_defaults(), **own})
         config.validate()
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        return {**values, **values.pop("options")}
 
     def phase_plan(self) -> list[tuple[str, int]]:
         """The phases this trial runs, in order, with their epochs."""
@@ -117,7 +134,10 @@ class TrialConfig:
         return sum(epochs for _, epochs in self.phase_plan())
 
     def stage1_key(self) -> dict[str, Any]:
-        """Everything stage 1's result depends on (the stage-1 cache key)."""
+        """Everything stage 1's result depends on (the stage-1 cache key).
+
+        A method with a stage-1 loss of its own adds its name and options: its stage 1 is then
+        never shared with another method's (nor with another setting of its options)."""
         names = (
             "dataset",
             "data_dir",
@@ -139,72 +159,54 @@ class TrialConfig:
             "warmup_epochs",
             "amp",
         )
-        return {name: getattr(self, name) for name in names}
+        key = {name: getattr(self, name) for name in names}
+        if get_method(self.method).stage1_loss is not None:
+            key.update(stage1_loss=self.method, **self.options)
+        return key
 
     def validate(self) -> None:
-        _choice("method", self.method, METHODS)
-        _choice("radius", self.radius, RADII)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("dro_schedule", self.dro_schedule, SCHEDULES)
-        _choice("cls_schedule", self.cls_schedule, SCHEDULES)
-        _choice("centroids", self.centroids, CENTROID_PASSES)
-        _choice("dro_combine", self.dro_combine, DRO_COMBINES)
-        _choice("ce_weighting", self.ce_weighting, CE_WEIGHTINGS)
-        _choice("classifier", self.classifier, CLASSIFIER_MODES)
-        _choice("cls_loss", self.cls_loss, CLASSIFIER_LOSSES)
-        _choice("maxnorm", self.maxnorm, MAXNORM_MODES)
-        _choice("dro_sampler", self.dro_sampler, SAMPLERS)
-        _choice("cls_sampler", self.cls_sampler, SAMPLERS)
-        _choice("device", self.device, DEVICES)
+        check_choice("method", self.method, tuple(METHODS))
+        for option in get_method(self.method).options:
+            option.check(self.options.get(option.name))
+        check_choice("radius", self.radius, RADII)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("dro_schedule", self.dro_schedule, SCHEDULES)
+        check_choice("cls_schedule", self.cls_schedule, SCHEDULES)
+        check_choice("centroids", self.centroids, CENTROID_PASSES)
+        check_choice("dro_combine", self.dro_combine, DRO_COMBINES)
+        check_choice("ce_weighting", self.ce_weighting, CE_WEIGHTINGS)
+        check_choice("classifier", self.classifier, CLASSIFIER_MODES)
+        check_choice("cls_loss", self.cls_loss, CLASSIFIER_LOSSES)
+        check_choice("cls_norm", self.cls_norm, CLASSIFIER_NORMS)
+        if self.cls_norm_scale is not None:
+            check_range("cls_norm_scale", self.cls_norm_scale, 0, math.inf, low_open=True)
+        check_choice("maxnorm", self.maxnorm, MAXNORM_MODES)
+        check_choice("dro_sampler", self.dro_sampler, SAMPLERS)
+        check_choice("cls_sampler", self.cls_sampler, SAMPLERS)
+        check_choice("device", self.device, DEVICES)
         if self.imbalance is not None:
-            _range("imbalance", self.imbalance, 1, math.inf, low_open=True)
+            check_range("imbalance", self.imbalance, 1, math.inf, low_open=True)
         for name, low, high in (("n_max", 1, 10**7), ("val_per_class", 1, 10**6),
                                 ("image_size", 8, 1024)):
             if getattr(self, name) is not None:
-                _integer(name, getattr(self, name), low, high)
+                check_integer(name, getattr(self, name), low, high)
         for name in ("epochs",):
-            _range(name, getattr(self, name), 1, 100_000)
+            check_range(name, getattr(self, name), 1, 100_000)
         for name in ("dro_epochs", "cls_epochs", "warmup_epochs"):
-            _range(name, getattr(self, name), 0, 100_000)
+            check_range(name, getattr(self, name), 0, 100_000)
         for name in ("batch_size", "dro_batch_size", "cls_batch_size"):
-            _range(name, getattr(self, name), 2, 1_000_000)
+            check_range(name, getattr(self, name), 2, 1_000_000)
         for name in ("lr", "dro_lr", "cls_lr", "temperature"):
-            _range(name, getattr(self, name), 0, math.inf, low_open=True)
+            check_range(name, getattr(self, name), 0, math.inf, low_open=True)
         for name in ("weight_decay", "dro_weight_decay", "cls_weight_decay", "eps", "tau"):
-            _range(name, getattr(self, name), 0, math.inf)
-        _range("momentum", self.momentum, 0, 1)
-        _range("lam", self.lam, 0, 1)
-        _range("cb_beta", self.cb_beta, 0, 1, high_open=True)
-        _range("maxnorm_t", self.maxnorm_t, 0, math.inf)
+            check_range(name, getattr(self, name), 0, math.inf)
+        check_range("momentum", self.momentum, 0, 1)
+        check_range("lam", self.lam, 0, 1)
+        check_range("cb_beta", self.cb_beta, 0, 1, high_open=True)
+        check_range("maxnorm_t", self.maxnorm_t, 0, math.inf)
         if self.maxnorm_radius is not None:
-            _range("maxnorm_radius", self.maxnorm_radius, 0, math.inf, low_open=True)
+            check_range("maxnorm_radius", self.maxnorm_radius, 0, math.inf, low_open=True)
 
-
-# What each method turns on; explicit values in the config win.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ce": {},
-    "dro_lt": {
-        "dro_epochs": 10,
-        "classifier": "retrain",
-        "cls_loss": "ce",
-        "cls_sampler": "class_balanced",
-    },
-    "wb": {
-        "schedule": "cosine",
-        "weight_decay": 5e-3,
-        "classifier": "retrain",
-        "cls_loss": "cb",
-        "cls_weight_decay": 0.1,
-        "maxnorm": "step",
-    },
-    "dro_wb": {
-        "dro_epochs": 10,
-        "classifier": "retrain",
-        "cls_loss": "cb",
-        "cls_weight_decay": 0.1,
-        "maxnorm": "step",
-    },
-}
 
 # The authors' recipes, for reproduction (docs/methods.md 4 and 5).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -257,31 +259,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-
-def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ConfigError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
-
-
-def _integer(name: str, value: Any, low: int, high: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
-        raise ConfigError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
-
-
-def _range(
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high
-        )
-    if not ok:
-        left, right = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ConfigError(f"{name} must be a number in {left}{low}, {high}{right}; got {value!r}")

@@ -3,7 +3,12 @@
 Every dataset is an `LTDataset`: training class counts (which define Many / Medium / Few), and a
 `loader(split, ...)` that yields normalised float batches on the training device. In-memory
 datasets (digits, CIFAR) keep uint8 images on the device (`trainables.loader`); list-file datasets
-(ImageNet-LT, Places-LT, iNaturalist) decode files in DataLoader workers (`trainables.listfile`).
+(ImageNet-LT, Places-LT, iNaturalist) decode files in DataLoader workers
+(`trainables.datasets.listfile`).
+
+A dataset registers its builder with `@register_dataset(name, scale=..., n_max=...,
+default_model=...)` in a module of `trainables.datasets`; that package is imported on the first
+lookup, so a new dataset is a new module there and nothing else.
 """
 
 from __future__ import annotations
@@ -14,10 +19,17 @@ from typing import Any
 
 import torch
 
+from trainables.models import MODELS
+from trainables.registry import Registry, RegistryError, import_package
+
 SPLITS = ("train", "val", "test")
 PROTOCOLS = ("holdout", "paper")
 SAMPLERS = ("instance", "class_balanced", "class_aware")
 PROFILES = ("exp", "step", "natural")  # natural: an image folder's own class counts
+# How big a dataset is, which picks each space's phase lengths and batch sizes
+# (spaces.recipes): "tiny" (the embedded digits_lt, a sweep of minutes on a laptop CPU), "cifar"
+# (the papers' CIFAR-LT recipes), "large" (ImageNet-LT, Places-LT, iNaturalist).
+SCALES = ("tiny", "cifar", "large")
 
 
 class DataError(ValueError):
@@ -51,7 +63,7 @@ class LTDataset:
     crop_padding: int = 4
     flip: bool = True
     image_size: int = 32
-    default_model: str = "resnet32"
+    default_model: str | None = None  # None: the registered dataset's default_model
     info: dict[str, Any] = field(default_factory=dict)
     # set by list-file datasets: builds a DataLoader-backed batch iterable
     make_loader: Callable[..., Iterable] | None = None
@@ -121,48 +133,97 @@ class LTDataset:
         }
 
 
-_REGISTRY: dict[str, Callable[..., LTDataset]] = {}
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A registered dataset: its builder and what the rest of tailtune needs to know of it.
+
+    `n_max`: training images of the head class before the long tail (the `count` radius is
+    scaled by it); None where it depends on the data (an image folder's smallest class), and then
+    the sweep passes the built dataset's own. `default_model` must be a registered model.
+    `profiles`: the long-tail profiles it accepts (`natural` only where the data has its own).
+    """
+
+    name: str
+    builder: Callable[..., LTDataset]
+    scale: str
+    n_max: int | None
+    default_model: str
+    protocols: tuple[str, ...] = PROTOCOLS
+    profiles: tuple[str, ...] = ("exp", "step")
 
 
-def register_dataset(name: str):
+def _check_dataset(name: str, info: DatasetInfo) -> None:
+    if info.scale not in SCALES:
+        raise RegistryError(f"dataset {name!r} declares scale {info.scale!r}; accepted: "
+                            f"{', '.join(SCALES)}")
+    if info.n_max is not None and not (isinstance(info.n_max, int) and info.n_max >= 1):
+        raise RegistryError(f"dataset {name!r} declares n_max {info.n_max!r}; accepted: an "
+                            "integer >= 1, or None where it depends on the data")
+    if info.default_model not in MODELS:
+        raise RegistryError(f"dataset {name!r} declares default_model {info.default_model!r}; "
+                            f"accepted: {', '.join(MODELS)}")
+    for value, allowed, what in ((info.protocols, PROTOCOLS, "protocols"),
+                                 (info.profiles, PROFILES, "profiles")):
+        if not value or set(value) - set(allowed):
+            raise RegistryError(f"dataset {name!r} declares {what} {value!r}; accepted: a "
+                                f"non-empty subset of {', '.join(allowed)}")
+
+
+DATASETS: Registry[DatasetInfo] = Registry(
+    "dataset", DataError, discover=lambda: import_package("trainables.datasets"),
+    check=_check_dataset,
+)
+
+
+def register_dataset(
+    name: str,
+    *,
+    scale: str,
+    n_max: int | None,
+    default_model: str,
+    protocols: tuple[str, ...] = PROTOCOLS,
+    profiles: tuple[str, ...] = ("exp", "step"),
+) -> Callable[[Callable[..., LTDataset]], Callable[..., LTDataset]]:
+    """Decorator: register a builder `(**options) -> LTDataset` with its metadata."""
+
     def wrap(builder: Callable[..., LTDataset]) -> Callable[..., LTDataset]:
-        _REGISTRY[name] = builder
+        DATASETS.register(name, DatasetInfo(name, builder, scale, n_max, default_model,
+                                            tuple(protocols), tuple(profiles)))
         return builder
 
     return wrap
 
 
 def dataset_names() -> list[str]:
-    _import_builders()
-    return sorted(_REGISTRY)
+    return DATASETS.names()
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    return DATASETS.get(name)
 
 
 def build_dataset(name: str, **options: Any) -> LTDataset:
     """Build a registered dataset. Options a dataset does not use are ignored when None."""
-    _import_builders()
-    if name not in _REGISTRY:
-        raise DataError(f"unknown dataset {name!r}; accepted: {', '.join(sorted(_REGISTRY))}")
+    info = DATASETS.get(name)
     protocol = options.get("protocol") or "holdout"
-    if protocol not in PROTOCOLS:
-        raise DataError(f"unknown protocol {protocol!r}; accepted: {', '.join(PROTOCOLS)}")
+    if protocol not in info.protocols:
+        raise DataError(f"unknown protocol {protocol!r}; accepted: {', '.join(info.protocols)}")
     imbalance = options.get("imbalance")
     if imbalance is not None and not float(imbalance) > 1:
         raise DataError(f"imbalance factor must be > 1, got {imbalance}")
     profile = options.get("profile") or "exp"
     if profile not in PROFILES:
         raise DataError(f"unknown profile {profile!r}; accepted: {', '.join(PROFILES)}")
-    if profile == "natural" and name != "imagefolder":
+    if profile == "natural" and profile not in info.profiles:
         raise DataError(f"profile natural keeps an image folder's own counts; {name} is "
-                        "balanced or has its own long tail: accepted here: exp, step")
+                        "balanced or has its own long tail: accepted here: "
+                        f"{', '.join(info.profiles)}")
+    if profile not in info.profiles:
+        raise DataError(f"profile {profile!r} is not one {name} offers; accepted: "
+                        f"{', '.join(info.profiles)}")
     if profile == "natural" and imbalance is not None:
         raise DataError("profile natural keeps the folder's own counts; leave imbalance unset")
-    return _REGISTRY[name](**{k: v for k, v in options.items() if v is not None})
-
-
-def _import_builders() -> None:
-    # Builders register themselves on import; imported lazily to keep `import trainables` light.
-    import trainables.cifar  # noqa: F401
-    import trainables.digits  # noqa: F401
-    import trainables.fashion_mnist  # noqa: F401
-    import trainables.imagefolder  # noqa: F401
-    import trainables.listfile  # noqa: F401
+    dataset = info.builder(**{k: v for k, v in options.items() if v is not None})
+    if dataset.default_model is None:  # the builder did not pick one for this data
+        dataset.default_model = info.default_model
+    return dataset

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainables.config import RADII
+RADII = ("erm", "shared", "count", "learned")
 
 # Squared distances are clamped here before the square root: the root's gradient at 0 is
 # infinite, the clamp's gradient below the floor is 0, so a feature sitting on its centroid

@@ -2,15 +2,53 @@
 
 Every model has `.features(x) -> (N, feature_dim)` and `.classifier` (an nn.Linear); `forward`
 returns logits. DRO-LT acts on the feature, Weight Balancing on the classifier rows.
+
+A backbone registers its builder `(num_classes, in_channels=3) -> nn.Module` with
+`@register_model(name, summary=...)`; `create_model(name, ...)` builds it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trainables.registry import Registry, RegistryError
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Builder
+    summary: str
+
+
+def _check_model(name: str, info: ModelInfo) -> None:
+    if not info.summary:
+        raise RegistryError(f"model {name!r} needs a summary (one line: what it is); accepted: "
+                            "a non-empty string")
+
+
+MODELS: Registry[ModelInfo] = Registry("model", ValueError, check=_check_model)
+
+
+def register_model(name: str, *, summary: str) -> Callable[[Builder], Builder]:
+    """Decorator: register a builder `(num_classes, in_channels=3) -> nn.Module`."""
+
+    def wrap(builder: Builder) -> Builder:
+        MODELS.register(name, ModelInfo(name, builder, summary))
+        return builder
+
+    return wrap
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    return MODELS.get(name).builder(num_classes, in_channels=in_channels)
 
 
 class OptionAShortcut(nn.Module):
@@ -88,40 +126,49 @@ class TorchvisionBackbone(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _torchvision(name: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int, in_channels: int = 3) -> nn.Module:
-        from torchvision import models
-
-        net = getattr(models, name)(weights=None)
-        if in_channels != 3:  # grey image folders: the stem takes their one channel
-            net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        return TorchvisionBackbone(net, num_classes)
-
-    return build
+# He et al.'s CIFAR ResNets (6n + 2 layers); 8 and 20 are the cheaper CPU-protocol backbones
+@register_model("resnet8", summary="CIFAR ResNet-8 (1 block a stage, 64-d feature)")
+def _resnet8(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return ResNetCifar(num_classes, 1, in_channels)
 
 
+@register_model("resnet20", summary="CIFAR ResNet-20 (3 blocks a stage, 64-d feature)")
+def _resnet20(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return ResNetCifar(num_classes, 3, in_channels)
+
+
+@register_model("resnet32", summary="CIFAR ResNet-32 of LDAM / DRO-LT (5 blocks a stage)")
+def _resnet32(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return ResNetCifar(num_classes, 5, in_channels)
+
+
+@register_model("resnet34_cifar",
+                summary="CIFAR-stem ResNet-34 the Weight Balancing code used (512-d feature)")
 def _resnet34_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
-    """The CIFAR-stem ResNet-34 the Weight Balancing code actually used (512-d feature)."""
-    from torchvision import models
+    # torchvision takes seconds to import; only these backbones need it
+    from torchvision import models as tv_models
 
-    net = models.resnet34(weights=None)
+    net = tv_models.resnet34(weights=None)
     net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
     net.maxpool = nn.Identity()
     return TorchvisionBackbone(net, num_classes)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    # He et al.'s CIFAR ResNets (6n + 2 layers); 8 and 20 are the cheaper CPU-protocol backbones
-    "resnet8": lambda num_classes, in_channels=3: ResNetCifar(num_classes, 1, in_channels),
-    "resnet20": lambda num_classes, in_channels=3: ResNetCifar(num_classes, 3, in_channels),
-    "resnet32": lambda num_classes, in_channels=3: ResNetCifar(num_classes, 5, in_channels),
-    "resnet34_cifar": _resnet34_cifar,
-    "resnet50": _torchvision("resnet50"),
-    "resnext50": _torchvision("resnext50_32x4d"),
-}
+def _imagenet(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    from torchvision import models as tv_models
+
+    net = getattr(tv_models, name)(weights=None)
+    if in_channels != 3:  # grey image folders: the stem takes their one channel
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return TorchvisionBackbone(net, num_classes)
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes, in_channels=in_channels)
+@register_model("resnet50", summary="torchvision ResNet-50 (ImageNet stem, 2048-d feature)")
+def _resnet50(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return _imagenet("resnet50", in_channels, num_classes)
+
+
+@register_model("resnext50",
+                summary="torchvision ResNeXt-50 32x4d (ImageNet stem, 2048-d feature)")
+def _resnext50(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return _imagenet("resnext50_32x4d", in_channels, num_classes)

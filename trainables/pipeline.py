@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +21,9 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.data import build_dataset
 from trainables.evaluation import accuracy_report, predict
 from trainables.loop import EpochStats, train_epoch
+from trainables.methods import get_method
 from trainables.models import create_model
+from trainables.normalised_classifier import normalise_classifier_
 from trainables.schedules import make_scheduler
 
 OnEpoch = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
@@ -58,7 +60,6 @@ class PhaseSpec:
     before_epoch: Callable[[int], None] | None = None
     after_step: Callable[[], None] | None = None
     after_epoch: Callable[[], dict[str, Any]] | None = None
-    extra_state: dict[str, Any] = field(default_factory=dict)
 
 
 class TrialRunner:
@@ -70,6 +71,7 @@ class TrialRunner:
         cache_dir: str | None = None,
     ) -> None:
         self.config = config
+        self.method = get_method(config.method)
         self.on_epoch = on_epoch
         self.resume = resume_state
         self.cache_dir = cache_dir
@@ -125,6 +127,8 @@ class TrialRunner:
             from trainables.balancing import tau_normalise_
 
             tau_normalise_(self.model.classifier, self.config.tau)
+        if status == "completed" and self.method.finish is not None:
+            self.method.finish(self.config, self.model, self.class_counts)
         return self._final_result(status)
 
     def _run_phase(self, index: int, phase: str, resume: dict[str, Any] | None) -> str:
@@ -138,9 +142,11 @@ class TrialRunner:
     def _stage1_spec(self) -> PhaseSpec:
         cfg = self.config
         model = self.model
+        criterion = (F.cross_entropy if self.method.stage1_loss is None
+                     else self.method.stage1_loss(cfg, self.class_counts, self.device))
 
         def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(model(images), labels)
+            return criterion(model(images), labels)
 
         return PhaseSpec(
             name="stage1",
@@ -301,7 +307,6 @@ class TrialRunner:
         from trainables.class_balanced import make_classifier_loss
 
         cfg, model = self.config, self.model
-        classifier = model.classifier
         criterion = make_classifier_loss(cfg.cls_loss, self.class_counts, cfg.cb_beta).to(
             self.device
         )
@@ -316,9 +321,12 @@ class TrialRunner:
         # The relative radius comes from the trained rows, so before any re-initialisation.
         radius = self.diagnostics.get("maxnorm_radius")
         if cfg.maxnorm != "off" and radius is None:
-            start_norms = class_row_norms(classifier)
+            start_norms = class_row_norms(model.classifier)
             radius = cfg.maxnorm_radius or relative_maxnorm_radius(start_norms, cfg.maxnorm_t)
             self.diagnostics["maxnorm_radius"] = float(radius)
+        if cfg.cls_norm == "l2":  # its learned scale starts from the trained rows, too
+            normalise_classifier_(model, cfg.cls_norm_scale)
+        classifier = model.classifier
         if cfg.cls_reinit and resume is None:
             from trainables.balancing import reinit_classifier_
 
@@ -334,7 +342,7 @@ class TrialRunner:
         return PhaseSpec(
             name="classifier",
             epochs=cfg.cls_epochs,
-            param_groups=[{"params": list(classifier.parameters())}],
+            param_groups=_classifier_groups(classifier),
             lr=cfg.cls_lr,
             weight_decay=cfg.cls_weight_decay,
             batch_size=cfg.cls_batch_size,
@@ -492,6 +500,8 @@ class TrialRunner:
             # the cache replays stage 1 from the start; drop what it will report again
             self.history = []
             return 0
+        if "classifier.log_scale" in state["model"]:  # saved in an L2-normalised phase
+            normalise_classifier_(self.model, self.config.cls_norm_scale)
         self.model.load_state_dict(state["model"])
         if self.radii is not None and state.get("radii") is not None:
             self.radii.load_state_dict(state["radii"])
@@ -504,6 +514,14 @@ class TrialRunner:
             self.resume = None
             return index + 1
         return index
+
+
+def _classifier_groups(classifier: torch.nn.Module) -> list[dict[str, Any]]:
+    """The classifier's parameters; a learned scale of an L2-normalised classifier is never
+    weight-decayed (decay would shrink every logit alike, docs/methods.md 5)."""
+    scale = [p for name, p in classifier.named_parameters() if name == "log_scale"]
+    rest = [p for name, p in classifier.named_parameters() if name != "log_scale"]
+    return [{"params": rest}, *([{"params": scale, "weight_decay": 0.0}] if scale else [])]
 
 
 def _ncm_from_history(history: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -524,12 +542,6 @@ def run_trial(
     if not isinstance(config, TrialConfig):
         config = TrialConfig.from_dict(config)
     return TrialRunner(config, on_epoch, resume_state, cache_dir).run()
-
-
-def total_epochs(config: dict[str, Any] | TrialConfig) -> int:
-    if not isinstance(config, TrialConfig):
-        config = TrialConfig.from_dict(config)
-    return config.total_epochs
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 
 from trainables.arrays import Arrays, lt_from_arrays
 from trainables.data import DataError, LTDataset, register_dataset
-from trainables.imagefolder import check_image_size, load_folder, scan_folder
+from trainables.datasets.imagefolder import check_image_size, load_folder, scan_folder
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -184,11 +184,13 @@ def build_cifar_lt(
     )
 
 
-@register_dataset("cifar10_lt")
+@register_dataset("cifar10_lt", scale="cifar", n_max=ARCHIVES[10]["n_max"],
+                  default_model="resnet32")
 def build_cifar10_lt(**options: object) -> LTDataset:
     return build_cifar_lt(10, **options)
 
 
-@register_dataset("cifar100_lt")
+@register_dataset("cifar100_lt", scale="cifar", n_max=ARCHIVES[100]["n_max"],
+                  default_model="resnet32")
 def build_cifar100_lt(**options: object) -> LTDataset:
     return build_cifar_lt(100, **options)

@@ -29,7 +29,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, bunch.target.astype(np.int64)
 
 
-@register_dataset("digits_lt")
+@register_dataset("digits_lt", scale="tiny", n_max=N_MAX, default_model="resnet32")
 def build_digits_lt(
     imbalance: float = DEFAULT_IMBALANCE,
     profile: str = "exp",

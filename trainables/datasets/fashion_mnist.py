@@ -97,7 +97,7 @@ def read_fashion_mnist(data_dir: Path, download: bool) -> tuple[Arrays, Path]:
     return arrays, files["train_x"].parent
 
 
-@register_dataset("fashion_mnist_lt")
+@register_dataset("fashion_mnist_lt", scale="cifar", n_max=N_MAX, default_model="resnet32")
 def build_fashion_mnist_lt(
     data_dir: str = "data",
     download: bool = False,

@@ -33,7 +33,7 @@ from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 
 from trainables.arrays import Arrays, lt_from_arrays
-from trainables.data import DataError, LTDataset, register_dataset
+from trainables.data import PROFILES, DataError, LTDataset, register_dataset
 
 CACHE_ENV = "TAILTUNE_CACHE_DIR"
 CACHE_FORMAT = 1  # bump when the decoded layout changes: old entries are simply not found
@@ -270,7 +270,8 @@ def check_image_size(image_size: int | None) -> int | None:
     return image_size
 
 
-@register_dataset("imagefolder")
+@register_dataset("imagefolder", scale="cifar", n_max=None, default_model="resnet32",
+                  profiles=PROFILES)
 def build_imagefolder(
     data_dir: str = "data",
     imbalance: float = 100.0,
@@ -303,6 +304,7 @@ def build_imagefolder(
         "imagefolder", arrays,
         n_max=int(n_max), imbalance=float(imbalance), profile=profile, protocol=protocol,
         split_seed=split_seed, val_per_class=val_per_class, crop_padding=max(1, size // 8),
-        default_model="resnet32" if size <= 64 else "resnet50",
+        # the registered resnet32 is a CIFAR-sized network; larger images take an ImageNet one
+        default_model=None if size <= 64 else "resnet50",
         info={"source": f"image folder {root}", "classes": list(scan.classes)},
     )

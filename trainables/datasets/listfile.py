@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from trainables.data import DataError, LTDataset, register_dataset
-from trainables.imagefolder import cache_dir, decode_images
+from trainables.datasets.imagefolder import cache_dir, decode_images
 from trainables.sampling import epoch_order
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,21 +37,18 @@ RESIZE_RATIO = 256 / 224  # eval: resize the short side to 256, centre-crop 224 
 @dataclass(frozen=True)
 class Release:
     lists: dict[str, str]  # split -> default list-file name ("val" absent: carve from train)
-    default_model: str
 
 
 RELEASES = {
     "imagenet_lt": Release(
         {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt",
          "test": "ImageNet_LT_test.txt"},
-        "resnext50",
     ),
     "places_lt": Release(
         {"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
-        "resnet50",
     ),
     "inat2018": Release(
-        {"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"}, "resnet50"
+        {"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"}
     ),
 }
 
@@ -234,23 +231,23 @@ def build_list_dataset(
         crop_padding=0,
         flip=True,
         image_size=int(image_size),
-        default_model=release.default_model,
         info={"image_root": str(root), "split_seed": split_seed, "val_source": val_source},
         make_loader=ListLoader,
     )
 
 
-@register_dataset("imagenet_lt")
+# n_max: the head class's training images in each release (docs/methods.md 1)
+@register_dataset("imagenet_lt", scale="large", n_max=1280, default_model="resnext50")
 def build_imagenet_lt(**options: object) -> LTDataset:
     return build_list_dataset("imagenet_lt", **options)
 
 
-@register_dataset("places_lt")
+@register_dataset("places_lt", scale="large", n_max=4980, default_model="resnet50")
 def build_places_lt(**options: object) -> LTDataset:
     return build_list_dataset("places_lt", **options)
 
 
-@register_dataset("inat2018")
+@register_dataset("inat2018", scale="large", n_max=1000, default_model="resnet50")
 def build_inat2018(**options: object) -> LTDataset:
     return build_list_dataset("inat2018", **options)
 
