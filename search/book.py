@@ -60,11 +60,14 @@ class SweepBook:
         self._live: dict[str, Any] = {}  # key -> live Optuna trial (asked or adopted here)
         self._reported: dict[str, int] = {}  # key -> last epoch reported to the study
         self._last: dict[str, dict[str, Any]] = {}  # key -> last result seen (time budget)
-        known = {entry.number for entry in ledger.entries()}
+        entries = ledger.entries()
+        known = {entry.number for entry in entries}
         # Study trials asked by a driver that died before their ledger start: adopted first.
         self._orphans = [frozen for frozen in study.get_trials(deepcopy=False,
                                                                states=(TrialState.RUNNING,))
                          if frozen.number not in known]
+        # counted here and on each ask, not by reading the ledger's files at every suggest
+        self._asked = len(entries) + len(self._orphans)
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its Tuner (tuner.pkl) for Tuner.restore, which tailtune never calls:
@@ -80,10 +83,11 @@ class SweepBook:
 
     def asked(self) -> int:
         """Trials this sweep has asked for (the ledger's and the orphans to adopt)."""
-        return len(self.ledger.entries()) + len(self._orphans)
+        return self._asked
 
     def ask(self, key: str) -> dict[str, Any]:
         """A new trial from Optuna, recorded under `key`; returns its Tune config."""
+        self._asked += 1
         return self._begin(key, self.study.ask())
 
     def reissue(self, key: str, item: Entry | optuna.trial.FrozenTrial) -> dict[str, Any]:

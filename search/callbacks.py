@@ -120,7 +120,7 @@ class LedgerCallback(Callback):
         val = shown.get("val_all")
         where = f"epoch {shown.get('epoch', 0)}/{shown.get('total_epochs', '?')}"
         score = f"val_all {val:.4f}" if isinstance(val, float) else "no result"
-        why = f"  ({_last_line(error)})" if status is Status.FAILED and error else ""
+        why = f"  ({last_line(error)})" if status is Status.FAILED and error else ""
         _say(f"{self._clock()} [{self._ended}/{self.num_samples}] trial {key} "
              f"{status.value:<13} {score}  {where}{why}")
 
@@ -155,9 +155,10 @@ def _error_text(trial: Any) -> str:
     return "trial failed (see the Tune trial folder)"
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:200] if lines else ""
+def last_line(text: str | None) -> str:
+    """The last non-blank line of an error trace (where the exception is), shortened."""
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no error message"
 
 
 def _short(value: Any) -> str:

@@ -27,6 +27,10 @@ class LedgerSearch(Searcher):
         self.num_samples = num_samples
         self._reissue = book.to_reissue()
 
+    def trials_left(self) -> int:
+        """Tune trials this searcher will still hand out: re-issued ones, then new ones."""
+        return len(self._reissue) + max(0, self.num_samples - self.book.asked())
+
     def suggest(self, trial_id: str) -> dict | None:
         if self._reissue:
             return self.book.reissue(trial_id, self._reissue.pop(0))

@@ -39,7 +39,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from results.mlflow_logging import SweepRecorder
 from results.store import prepare_local_store
 from search.book import SweepBook
-from search.callbacks import LedgerCallback, StopAll, log_trial_plots
+from search.callbacks import LedgerCallback, StopAll, last_line, log_trial_plots
 from search.environment import SetupError
 from search.ledger import Entry, LedgerError, Status
 from search.optuna_search import LedgerSearch, tpe_sampler
@@ -71,7 +71,7 @@ def open_study(plan: SweepPlan) -> optuna.Study:
             sampler=tpe_sampler(options.seed, options.num_samples), direction="maximize",
             load_if_exists=True)
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)[:200]
         raise SetupError(f"the sweep's Optuna study {plan.sweep_dir / 'optuna.db'} cannot be "
                          f"read ({first}); accepted: the study this sweep wrote (restore it, "
                          "or start a new sweep with another --name)") from None
@@ -91,7 +91,6 @@ def build_tuner(plan: SweepPlan, resources: Any, book: SweepBook, stopper: StopA
                                grace_period=options.grace_period,
                                reduction_factor=options.reduction_factor)
     searcher = LedgerSearch(book, options.num_samples, metric=METRIC, mode=MODE)
-    remaining = len(book.to_reissue()) + max(0, options.num_samples - book.asked())
     callbacks = [
         LedgerCallback(book, options.num_samples, stopper),
         # Tune's JSON and CSV results (for a look at Tune's own view), not its TensorBoard
@@ -101,7 +100,7 @@ def build_tuner(plan: SweepPlan, resources: Any, book: SweepBook, stopper: StopA
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=remaining,
+            search_alg=searcher, scheduler=scheduler, num_samples=searcher.trials_left(),
             max_concurrent_trials=resources.max_concurrent, reuse_actors=True,
             time_budget_s=options.time_budget, trial_dirname_creator=trial_dirname,
         ),
@@ -162,7 +161,7 @@ def start_records(plan: SweepPlan) -> SweepRecorder:
                                  str(plan.options.name), plan.tags)
         recorder.start(plan.params)
     except Exception as exc:  # e.g. a database URI MLflow cannot use
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise SetupError(f"--mlflow-uri {plan.tracking_uri}: MLflow could not record the "
                          f"sweep ({first}); accepted: a tracking URI this machine can "
                          "write (see docs/cluster.md)") from None
@@ -223,7 +222,7 @@ def _sweep_status(entries: list[Entry], num_samples: int, stopper: StopAll,
     if not all_ended or not (len(entries) >= num_samples or budget_spent):
         return "interrupted", None
     if entries and all(entry.status is Status.FAILED for entry in entries):
-        return "failed", f"every trial failed; the first: {_last_line(entries[0].error)}"
+        return "failed", f"every trial failed; the first: {last_line(entries[0].error)}"
     short = len(entries) < num_samples
     return "completed", "the time budget ended the sweep" if short else None
 
@@ -278,10 +277,9 @@ def is_disk_full(exc: BaseException) -> bool:
 def _one_line(exc: BaseException) -> str:
     if is_disk_full(exc):
         return "the disk is full (No space left on device)"
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return f"{type(exc).__name__}: {first[:200]}"
+    return f"{type(exc).__name__}: {first_line(exc)[:200]}"
 
 
-def _last_line(text: str | None) -> str:
-    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
-    return lines[-1][:200] if lines else "no error message"
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its name when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
