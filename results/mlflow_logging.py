@@ -8,7 +8,9 @@ Schema (what results/leaderboard.py and users can rely on):
 - Parent run (one per sweep), name = sweep name. Tags:
     tailtune.role=sweep, tailtune.sweep=<sweep name>, tailtune.space, tailtune.dataset,
     tailtune.imbalance, tailtune.seed, tailtune.protocol, tailtune.status
-    (running | completed | interrupted | failed), tailtune.results_dir (Tune results).
+    (running | completed | interrupted | failed), tailtune.results_dir (Tune results),
+    tailtune.val_images (the balanced validation split's size: the leaderboard's standard
+    errors are over it; every child has it too).
   Params: the sweep options (num_samples, scheduler, epochs, ...).
   Metrics: best_val_all, best_test_all (the best completed trial), trials_<status> counts.
 - Child run (one per trial), name = the trial key (the Tune trial id; a trial adopted after a
@@ -22,19 +24,23 @@ Schema (what results/leaderboard.py and users can rely on):
     completed | stopped_early (ASHA or the time budget ended it) | diverged (its loss became
     non-finite) | failed (an error, retries spent) | interrupted (the sweep was interrupted
     before the trial ended; --resume continues it and this run).
-  Params: the full trial config (every TrialConfig field).
+  Params: the full trial config (every TrialConfig field), and the searched values as sampled
+    (`search.<dimension>`, before a space derives config fields from them: what Optuna shows);
+    tag tailtune.searched names them, comma-separated.
   Metrics per epoch, step = epoch (1-based, global over phases): val_all, val_many, val_medium,
     val_few, train_loss, lr, images_per_second, epoch_seconds, train_seconds, trial_seconds
     (since the trial process started it, data loading included), ncm_* (the nearest-class-mean
     accuracy of the features, DRO phase). Epochs replayed from the stage-1 cache are logged
-    too (epoch_seconds 0), so every trial has the same steps. Each step is logged once: epochs
+    too, without the timing metrics (REPLAY_OMITTED: this trial did not train them), so every
+    trial has the same accuracy steps. Each step is logged once: epochs
     a retried or resumed trial trains again are not logged again.
   Final metrics (step = epochs run): val_all, val_many, val_medium, val_few, test_all,
     test_many, test_medium, test_few, epochs_run. A Many/Medium/Few group without classes has
     no metric (missing, never 0). Only completed and diverged trials have test_* metrics.
   Artifacts: config.json (the trial config), per_class.csv (class, train_count, group,
     val_acc, test_acc), diagnostics.json (learned radii, classifier row norms, MaxNorm radius),
-    plots/ (results.plots, when the sweep logs plots).
+    plots/ (results.plots, when the sweep logs plots). A trial stopped early or failed has
+    config.json and plots/learning_curves.png only (no per-class evaluation was made).
 - MLflow run status: FINISHED for completed / stopped_early / diverged, FAILED for failed,
   KILLED for interrupted (a resumed sweep reopens them: RUNNING again).
 
@@ -74,6 +80,12 @@ EPOCH_METRICS = ("val_all", "val_many", "val_medium", "val_few", "train_loss", "
                  "ncm_all", "ncm_many", "ncm_medium", "ncm_few")
 GROUPS = ("all", "many", "medium", "few")
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
+# A replayed epoch (stage 1 from the cache) was not trained by this trial: it has no timing of
+# its own, so these are not logged for it (a 0 would read as a stalled trial).
+REPLAY_OMITTED = ("epoch_seconds", "train_seconds", "images_per_second")
+SEARCH_PREFIX = "search."  # params of the searched values as sampled (search.<dimension>)
+SEARCHED_TAG = "tailtune.searched"  # the searched dimensions of a trial, comma-separated
+VAL_IMAGES_TAG = "tailtune.val_images"  # the size of the (balanced) validation split
 
 
 def local_tracking_uri(folder: str | Path) -> str:
@@ -135,20 +147,29 @@ class SweepRecorder:
 
     # ---------------------------------------------------------------- trials
     def trial_run(self, trial_id: str, config: Mapping[str, Any],
-                  tags: Mapping[str, Any] | None = None) -> str:
+                  tags: Mapping[str, Any] | None = None,
+                  searched: Mapping[str, Any] | None = None) -> str:
         """The child run of a trial: the existing one (resume, retry) or a new one. An existing
-        run that has ended is returned as it is and stays untouched."""
+        run that has ended is returned as it is and stays untouched.
+
+        `config` (the full trial config) are the run's params; `searched` (the values Optuna
+        sampled, before a space derived config fields from them) are logged beside them as
+        `search.<name>`, and their names as the tag tailtune.searched: the numbers Optuna's
+        plots show."""
         if trial_id in self._children:
             return self._children[trial_id]
         found = self._find(trial_id)
         extra = {f"tailtune.{key}": str(value) for key, value in (tags or {}).items()}
+        if searched is not None:
+            extra[SEARCHED_TAG] = ",".join(searched)
         if found and found[0].info.status in ENDED_RUN_STATUSES:
             self._children[trial_id] = found[0].info.run_id
             self._ended.add(trial_id)
             return found[0].info.run_id
+        params = {**config, **{f"{SEARCH_PREFIX}{k}": v for k, v in (searched or {}).items()}}
         run_id = self._open_run(
             found, trial_id, {**self.tags, **extra, ROLE: "trial", SWEEP: self.sweep_name,
-                              TRIAL_ID: trial_id, PARENT: self.parent_id}, extra, config)
+                              TRIAL_ID: trial_id, PARENT: self.parent_id}, extra, params)
         history = self.client.get_metric_history(run_id, "val_all") if found else []
         self._logged_step[trial_id] = max((m.step for m in history), default=0)
         self._children[trial_id] = run_id
@@ -172,26 +193,32 @@ class SweepRecorder:
         return run_id
 
     def finish_from_record(self, trial_id: str, record: Mapping[str, Any],
-                           config: Mapping[str, Any]) -> str | None:
+                           config: Mapping[str, Any],
+                           searched: Mapping[str, Any] | None = None) -> str | None:
         """Close the trial's run from its ledger end (search.ledger): the epochs it lacks,
         final metrics, status. Idempotent: returns the run id, or None when the run had ended
         already (nothing is written). A trial without a run yet (its driver died before the
-        trial started) gets one, with `config` as its params."""
+        trial started) gets one, with `config` (and `searched`) as its params."""
         found = self._find(trial_id)
         if found and found[0].info.status in ENDED_RUN_STATUSES:
             return None
-        self.trial_run(trial_id, config)
+        self.trial_run(trial_id, config, searched=searched)
         result = record["result"]
         for entry in [*(record.get("history") or []), result]:
             if "epoch" in entry:
                 self.log_epoch(trial_id, entry)
         status = record["status"]
         outcome = result.get("outcome") if status in ("completed", "diverged") else None
-        return self.finish_trial(trial_id, status, result, outcome, record.get("error"))
+        return self.finish_trial(trial_id, status, result, outcome, record.get("error"),
+                                 config=config)
 
     def _find(self, trial_id: str) -> list[Any]:
         return self._search(f"tags.`{PARENT}` = '{self.parent_id}' AND "
                             f"tags.`{TRIAL_ID}` = '{trial_id}'")
+
+    def is_ended(self, trial_id: str) -> bool:
+        """Whether the trial's run, as found or made here, has ended (it is final)."""
+        return trial_id in self._ended
 
     def has_run(self, trial_id: str) -> bool:
         """Whether this recorder has found or made the trial's run."""
@@ -212,8 +239,10 @@ class SweepRecorder:
         step = int(metrics["epoch"])
         if trial_id in self._ended or step <= self._logged_step.get(trial_id, 0):
             return
+        names = [k for k in EPOCH_METRICS
+                 if not (metrics.get("replayed") and k in REPLAY_OMITTED)]
         self._buffer.setdefault(trial_id, []).extend(
-            _metrics({k: metrics.get(k) for k in EPOCH_METRICS}, step))
+            _metrics({k: metrics.get(k) for k in names}, step))
         self._logged_step[trial_id] = step
         now = time.monotonic()
         if now - self._flushed.setdefault(trial_id, now) >= self.flush_interval_s:
@@ -234,12 +263,15 @@ class SweepRecorder:
 
     def finish_trial(self, trial_id: str, status: str, last: Mapping[str, Any],
                      outcome: Mapping[str, Any] | None = None,
-                     error: str | None = None) -> str | None:
+                     error: str | None = None,
+                     config: Mapping[str, Any] | None = None) -> str | None:
         """Final metrics, artifacts and an honest status for one trial, then close its run;
         returns its run id, or None when the run had ended already (nothing is written).
 
         `last` is the last reported epoch; `outcome` the pipeline's final result (val, test,
-        class_counts, diagnostics, config) when the trial ran to its end (or diverged).
+        class_counts, diagnostics, config) when the trial ran to its end (or diverged): its
+        artifacts are config.json, per_class.csv and diagnostics.json. A trial without one
+        (stopped early, failed) was never evaluated per class: it gets config.json (`config`).
         """
         if status not in TRIAL_STATUSES:
             accepted = ", ".join(TRIAL_STATUSES)
@@ -258,6 +290,8 @@ class SweepRecorder:
         if outcome:
             final.update({f"test_{g}": outcome["test"].get(g) for g in GROUPS})
             self._log_artifacts(run_id, outcome)
+        elif config:
+            self._log_config(run_id, config)
         self._log_metrics(run_id, final, step)
         if error:
             self.client.set_tag(run_id, "tailtune.error", error[-4000:])  # the message is last
@@ -299,6 +333,12 @@ class SweepRecorder:
         metrics = _metrics(values, step)
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+
+    def _log_config(self, run_id: str, config: Mapping[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="tailtune-mlflow-") as folder:
+            path = Path(folder) / "config.json"
+            path.write_text(json.dumps(dict(config), indent=2, default=str))
+            self.client.log_artifact(run_id, str(path))
 
     def _log_artifacts(self, run_id: str, outcome: Mapping[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="tailtune-mlflow-") as folder:

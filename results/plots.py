@@ -57,20 +57,27 @@ DPI = 110
 def make_trial_plots(result: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """Write the trial's plots into `out_dir`; returns the files written, in PLOT_FILES order.
 
-    radii.png is written only when the trial learned or used radii (a DRO phase);
-    learning_curves.png only when `result` has a non-empty "history".
+    A plot is drawn only of what the trial has: per_class_accuracy.png when it was evaluated
+    per class (a trial stopped early or failed was not), weight_norms.png when it has classifier
+    norms, radii.png when it has a DRO phase whose radius is not `erm` (erm has no radius: its
+    "radii" are zeros), learning_curves.png when `result` has a non-empty "history".
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = [int(c) for c in result.get("class_counts") or []]
     diagnostics = result.get("diagnostics") or {}
+    config = result.get("config") or {}
     title = _title(result)
-    written = [_save(_per_class_accuracy(result, counts, title), out / PLOT_FILES[0])]
-    written.append(_save(_weight_norms(diagnostics, counts, title), out / PLOT_FILES[1]))
+    written = []
+    if any(v is not None for split in ("val", "test")
+           for v in (result.get(split) or {}).get("per_class") or []):
+        written.append(_save(_per_class_accuracy(result, counts, title), out / PLOT_FILES[0]))
+    norms = diagnostics.get("weight_norms") or {}
+    if norms.get("stage1") or norms.get("final"):
+        written.append(_save(_weight_norms(diagnostics, counts, title), out / PLOT_FILES[1]))
     radii = diagnostics.get("radii")
-    if radii:
-        written.append(_save(_radii(radii, counts, result.get("config") or {}, title),
-                             out / PLOT_FILES[2]))
+    if radii and config.get("radius") != "erm":
+        written.append(_save(_radii(radii, counts, config, title), out / PLOT_FILES[2]))
     history = result.get("history") or []
     if history:
         written.append(_save(_learning_curves(history, title), out / PLOT_FILES[3]))
@@ -87,7 +94,8 @@ def log_trial_plots(client: Any, run_id: str, result: Mapping[str, Any]) -> list
         result = {**result, "history": history_from_run(client, run_id, result.get("config"))}
     with tempfile.TemporaryDirectory(prefix="tailtune-plots-") as folder:
         files = make_trial_plots(result, folder)
-        client.log_artifacts(run_id, folder, artifact_path=ARTIFACT_DIR)
+        if files:
+            client.log_artifacts(run_id, folder, artifact_path=ARTIFACT_DIR)
     return [f"{ARTIFACT_DIR}/{path.name}" for path in files]
 
 

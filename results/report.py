@@ -10,7 +10,8 @@ docs/methods.md sections 4 and 5 (results/published.py); the gap (ours minus pub
 and the protocol. Published numbers are CIFAR-100-LT (ImageNet-LT, iNaturalist 2018 for a few
 lines): for any other dataset they are shown for reference only and the gap is "n/a (different
 dataset)". Nothing is filled in: a method without a completed trial is "not measured", a number a
-paper does not give is "-".
+paper does not give is "-". The report leads with what was measured (a table per dataset); the
+published lines nothing was measured for follow, one compact line each.
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ def _number(value: Any) -> float | None:
 
 
 def render_report(trials: pd.DataFrame, experiment: str, tracking_uri: str) -> str:
-    """The whole report as Markdown."""
+    """The whole report as Markdown: what was measured first (a table per dataset), then the
+    published lines nothing was measured for, one compact line each."""
     counts = trials["status"].value_counts() if len(trials) else pd.Series(dtype=int)
     status_text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials"
     lines = [
@@ -200,10 +202,18 @@ def render_report(trials: pd.DataFrame, experiment: str, tracking_uri: str) -> s
         "only.",
         "- **gap**: ours minus published, in percentage points, for all / many / med / few.",
         f"- **{NOT_MEASURED}**: no completed trial of that method at that IF in this "
-        "experiment. Numbers are never filled in.",
+        "experiment, listed after the measurements. Numbers are never filled in.",
+        "",
+        "## Measured",
     ]
-    for dataset, table in report_tables(trials).items():
-        lines += ["", f"## {dataset}", ""]
+    tables = report_tables(trials)
+    measured = {d: t[t["ours: all / many / med / few"] != NOT_MEASURED] for d, t in tables.items()}
+    if not any(len(t) for t in measured.values()):
+        lines += ["", "No completed trial in this experiment."]
+    for dataset, table in measured.items():
+        if table.empty:
+            continue
+        lines += ["", f"### {dataset}", ""]
         sources = sorted({s for s in trials.loc[trials["dataset"] == dataset, "source"] if s})
         if sources:
             lines += [f"Data: {'; '.join(sources)}.", ""]
@@ -211,7 +221,32 @@ def render_report(trials: pd.DataFrame, experiment: str, tracking_uri: str) -> s
             lines += [f"No published numbers for {dataset}: the published column shows "
                       "CIFAR-100-LT at the same imbalance factor, for reference only.", ""]
         lines.append(table.to_markdown(index=False, disable_numparse=True))
+    lines += ["", f"## {NOT_MEASURED.capitalize()}", ""]
+    for dataset, table in tables.items():
+        lines += _unmeasured_lines(dataset, table[table["ours: all / many / med / few"]
+                                                  == NOT_MEASURED])
     return "\n".join(lines) + "\n"
+
+
+def _unmeasured_lines(dataset: str, rows: pd.DataFrame) -> list[str]:
+    """One line per published line without a measurement (its numbers at every IF), or, for a
+    dataset without published numbers of its own, one line naming the methods."""
+    if rows.empty:
+        return []
+    own = dataset == REFERENCE_DATASET or any(p.dataset == dataset for p in PUBLISHED)
+    if not own:
+        methods = ", ".join(dict.fromkeys(rows["method"]))
+        return [f"- {dataset}, IF {' / '.join(dict.fromkeys(rows['IF']))}: {methods} (their "
+                f"published CIFAR-100-LT numbers are listed under {REFERENCE_DATASET})"]
+    out = []
+    for (method, line), group in rows.groupby(["method", "published line"], sort=False):
+        values = "; ".join(f"IF {r['IF']}: " + r["published: all / many / med / few"]
+                           .removesuffix(" / - / - / -")  # groups published at one IF only
+                           for _, r in group.iterrows()
+                           if r["published: all / many / med / few"] != "-")
+        where = "" if line == "-" else f", {line}"
+        out.append(f"- {dataset}: {method}{where}: published {values or 'nothing'}")
+    return out
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -14,8 +14,10 @@ Order of writes, so that a kill at any moment loses nothing and counts nothing t
 How trials end, as Optuna is told (user attr tailtune_status says which): completed: COMPLETE
 with the final validation accuracy; stopped_early: PRUNED (TPE ranks it by its intermediate
 values, as with Optuna's own pruners); diverged and failed: FAIL, so TPE never counts a value.
-Intermediate values are the validation accuracies at `report_epochs` (the ASHA rungs: what
-trials are compared on) and where a trial stopped; its every-epoch curve is in MLflow.
+Intermediate values are the validation accuracy of every epoch (or of `report_epochs` only,
+when given) and where a trial stopped: the study's learning curves, live, for optuna-dashboard
+and Optuna's intermediate-values plot. One report is one small write to the study's SQLite
+file on the driver (docs/mlflow_ui.md gives its measured cost).
 """
 
 from __future__ import annotations
@@ -108,8 +110,13 @@ class SweepBook:
     # ---------------------------------------------------------------- telling
     def started(self, key: str, config: Mapping[str, Any]) -> None:
         """The trial's MLflow run, found again (retry, resume) or made, with the trial's full
-        config (`config` is TrialConfig's dict) as params."""
-        self.recorder.trial_run(key, _full_config(config))
+        config (`config` is TrialConfig's dict) and its searched values (as Optuna sampled
+        them, from the ledger) as params."""
+        self.recorder.trial_run(key, _full_config(config), searched=self._searched(key))
+
+    def _searched(self, key: str) -> dict[str, Any] | None:
+        entry = self.ledger.entry(key)
+        return None if entry is None else dict(entry.params)
 
     def epoch(self, key: str, result: Mapping[str, Any]) -> None:
         """One reported epoch (and the earlier ones a restart made the driver lose)."""
@@ -145,11 +152,13 @@ class SweepBook:
             return
         record = {"status": entry.status.value, "result": entry.result, "error": entry.error,
                   "history": entry.history}
-        run_id = self.recorder.finish_from_record(key, record,
-                                                  _full_config(entry.config["trial"]))
-        outcome = entry.result.get("outcome")
-        if run_id and self.log_plots and outcome and entry.status is not Status.FAILED:
-            self.log_plots(run_id, outcome)
+        config = _full_config(entry.config["trial"])
+        run_id = self.recorder.finish_from_record(key, record, config, searched=entry.params)
+        if run_id and self.log_plots:
+            # every ended trial gets the plots of what it has: a stopped or failed one its
+            # learning curves (rebuilt from its run's metrics), a finished one all of them
+            outcome = entry.result.get("outcome") if entry.status is not Status.FAILED else None
+            self.log_plots(run_id, outcome or {"config": config, "history": entry.history})
         self._tell(entry)
 
     def sync_all(self) -> None:

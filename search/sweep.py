@@ -157,8 +157,10 @@ def start_records(plan: SweepPlan) -> SweepRecorder:
     plan.options.save()
     try:
         prepare_local_store(plan.tracking_uri)  # concurrent drivers create it one at a time
+        # the validation split's size: what the leaderboard's standard errors are over
+        tags = {**plan.tags, "val_images": plan.dataset.get("sizes", {}).get("val")}
         recorder = SweepRecorder(plan.tracking_uri, plan.options.experiment,
-                                 str(plan.options.name), plan.tags)
+                                 str(plan.options.name), tags)
         recorder.start(plan.params)
     except Exception as exc:  # e.g. a database URI MLflow cannot use
         first = first_line(exc)
@@ -186,8 +188,9 @@ def run_sweep(plan: SweepPlan, resources: Any) -> SweepOutcome:
     recorder = start_records(plan)
     log_plots = (lambda run_id, outcome: log_trial_plots(recorder.client, run_id, outcome)
                  ) if options.plots else None
+    # every epoch's validation accuracy goes to the study (the live learning curves)
     book = SweepBook(plan.ledger, study, recorder, Sampler(options.space, plan.fixed),
-                     report_epochs=plan.rungs, log_plots=log_plots)
+                     report_epochs=None, log_plots=log_plots)
     stopper = StopAll()
     status, reason = "interrupted", None
     try:

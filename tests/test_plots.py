@@ -4,17 +4,26 @@ written to disk and logged to a real MLflow store."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import optuna
 import pytest
+from matplotlib import colormaps
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
 from results.mlflow_logging import SweepRecorder, local_tracking_uri
 from results.plots import history_from_run, log_trial_plots, make_trial_plots, result_from_run
 from results.plots import main as plots_main
-from results.sweep_plots import PLOTS, log_sweep_plots, make_sweep_plots
+from results.sweep_plots import (
+    COLOURMAP,
+    MIN_IMPORTANCE_TRIALS,
+    NOTES_FILE,
+    PLOTS,
+    log_sweep_plots,
+    make_sweep_plots,
+)
 from trainables.pipeline import run_trial
 
 TINY = {"dataset": "digits_lt", "device": "cpu", "batch_size": 64, "warmup_epochs": 1}
@@ -128,13 +137,19 @@ def test_recorded_trials_get_their_plots_afterwards(recorded: tuple, capsys) -> 
 
 
 def _study(n_trials: int, seed: int = 0) -> optuna.Study:
-    """A real study of a quick objective with a log-scale, a linear and a categorical parameter;
-    its last trial is pruned, as ASHA-stopped trials are in a sweep's study."""
+    """A real study of a quick objective with a log-scale, a linear, a categorical and a
+    conditional parameter, each trial reporting a learning curve of 4 steps; its last trial is
+    pruned at step 2, as ASHA-stopped trials are in a sweep's study."""
     def objective(trial: optuna.Trial) -> float:
         lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
         lam = trial.suggest_float("lam", 0.05, 0.95)
         radius = trial.suggest_categorical("radius", ["erm", "shared", "learned"])
-        return 1 - abs(math.log10(lr) + 2) / 2 - (lam - 0.3) ** 2 + 0.05 * (radius != "erm")
+        if radius != "erm":  # like eps: sampled only for some radii
+            trial.suggest_float("eps", 0.01, 5.0, log=True)
+        value = 1 - abs(math.log10(lr) + 2) / 2 - (lam - 0.3) ** 2 + 0.05 * (radius != "erm")
+        for step in range(1, 5):
+            trial.report(value * step / 4, step)
+        return value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", study_name=f"s{n_trials}",
@@ -142,33 +157,73 @@ def _study(n_trials: int, seed: int = 0) -> optuna.Study:
     study.optimize(objective, n_trials=n_trials)
     pruned = study.ask()
     pruned.suggest_float("lr", 1e-3, 1e-1, log=True)
+    pruned.report(0.1, 1)
+    pruned.report(0.2, 2)
     study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
     return study
 
 
-def test_sweep_plots_html_and_png(tmp_path: Path) -> None:
-    files = make_sweep_plots(_study(8), tmp_path)
-    assert [f.name for f in files] == [f"{name}.{ext}" for name in PLOTS for ext in ("html", "png")]
+def _external_urls(html: str) -> list[str]:
+    """What a page loads from elsewhere: src/href attributes of its tags that are not local
+    (script bodies are left out: plotly.js itself holds links, e.g. to its map tiles' credits,
+    that a chart without a map never follows)."""
+    markup = re.sub(r"(<script[^>]*>).*?(</script>)", r"\1\2", html, flags=re.S)
+    found = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", markup)
+    return [url for url in found if re.match(r"(https?:)?//", url)]
+
+
+def test_sweep_plots_html_and_png_work_offline(tmp_path: Path) -> None:
+    study = _study(12)
+    files = make_sweep_plots(study, tmp_path)
+    assert [f.name for f in files] == [f"{name}.{ext}" for name in PLOTS
+                                       for ext in ("html", "png")] + [NOTES_FILE]
     for path in files:
         if path.suffix == ".png":
             assert _is_png(path)
-        else:
+        elif path.suffix == ".html":
             text = path.read_text()
-            assert 'src="https://cdn.plot.ly' in text and "val_all" in text
+            # plotly.js is in the page (no CDN): nothing is fetched when it opens
+            assert _external_urls(text) == [] and path.stat().st_size > 1_000_000, path
+            assert "Plotly.newPlot" in text
+    # every trial's curve, the pruned one included, is in the learning-curve overlay
+    overlay = (tmp_path / "intermediate_values.html").read_text()
+    assert overlay.count('"name":"Trial') == len(study.trials) == 13
+    assert "13 trials, stopped early included" in overlay
+    notes = (tmp_path / NOTES_FILE).read_text()
+    assert "optimization_history: drawn from 12 completed of 13 trials" in notes
+    assert "param_importances: drawn from 12 completed of 13 trials" in notes
 
 
-def test_sweep_plots_offline_html_embeds_plotly(tmp_path: Path) -> None:
-    files = make_sweep_plots(_study(3), tmp_path, plotlyjs=True)
+def test_sweep_plots_cdn_html_when_asked(tmp_path: Path) -> None:
+    files = make_sweep_plots(_study(3), tmp_path, plotlyjs="cdn")
     html = next(f for f in files if f.name == "optimization_history.html")
-    assert 'src="https://cdn.plot.ly' not in html.read_text() and html.stat().st_size > 1_000_000
+    assert _external_urls(html.read_text()) and html.stat().st_size < 100_000
 
 
 def test_sweep_plots_skip_what_optuna_cannot_draw(tmp_path: Path) -> None:
-    one = make_sweep_plots(_study(1), tmp_path / "one")  # importances need two trials
-    assert [f.name for f in one] == ["optimization_history.html", "optimization_history.png",
-                                     "parallel_coordinate.html", "parallel_coordinate.png"]
+    few = make_sweep_plots(_study(MIN_IMPORTANCE_TRIALS - 1), tmp_path / "few")
+    assert "param_importances.html" not in [f.name for f in few]
+    notes = (tmp_path / "few" / NOTES_FILE).read_text()
+    assert (f"param_importances: skipped, {MIN_IMPORTANCE_TRIALS - 1} completed trials; "
+            f"importances are drawn from {MIN_IMPORTANCE_TRIALS} on") in notes
     empty = optuna.create_study(direction="maximize")
-    assert make_sweep_plots(empty, tmp_path / "none") == []
+    assert [f.name for f in make_sweep_plots(empty, tmp_path / "none")] == [NOTES_FILE]
+    assert "no completed trial" in (tmp_path / "none" / NOTES_FILE).read_text()
+
+
+def test_parallel_coordinates_png_is_readable(tmp_path: Path) -> None:
+    """The worst completed trial's line is dark on white (viridis), not near-white on grey."""
+    study = _study(12)
+    make_sweep_plots(study, tmp_path)
+    image = imread(tmp_path / "parallel_coordinate.png")[..., :3]
+    corner = image[5:15, 5:15].reshape(-1, 3)
+    assert (corner > 0.99).all()  # a white background
+    worst = min(t.value for t in study.trials if t.value is not None)
+    best = max(t.value for t in study.trials if t.value is not None)
+    dark = colormaps[COLOURMAP](0.0)[:3]  # the colour of the worst trial
+    assert sum(dark) / 3 < 0.4 and best > worst
+    close = (abs(image - dark) < 0.08).all(axis=2)
+    assert close.sum() > 200  # its line is drawn, in that dark colour
 
 
 def test_log_sweep_plots_to_the_parent_run(tmp_path: Path) -> None:
@@ -176,8 +231,8 @@ def test_log_sweep_plots_to_the_parent_run(tmp_path: Path) -> None:
     recorder = SweepRecorder(uri, "sweep-plots", "s", {"space": "dro_lt"})
     parent = recorder.start({})
     client = MlflowClient(uri)
-    logged = log_sweep_plots(client, parent, _study(5, seed=1))
+    logged = log_sweep_plots(client, parent, _study(12, seed=1))
     assert sorted(a.path for a in client.list_artifacts(parent, "plots")) == sorted(logged)
-    assert len(logged) == 2 * len(PLOTS)
+    assert len(logged) == 2 * len(PLOTS) + 1
     for artifact in client.list_artifacts(parent, "plots"):
-        assert artifact.file_size > 1000
+        assert artifact.file_size > 100

@@ -61,12 +61,12 @@ def _runs(store: Path) -> list:
 
 
 def _section(text: str, dataset: str) -> list[list[str]]:
-    """Data rows of the Markdown table under `## dataset`, as cell lists."""
+    """Data rows of the measured table under `### dataset`, as cell lists."""
     lines = text.splitlines()
-    start = lines.index(f"## {dataset}")
+    start = lines.index(f"### {dataset}")
     rows = []
     for line in lines[start + 1:]:
-        if line.startswith("## "):
+        if line.startswith("#"):
             break
         if line.startswith("|"):
             rows.append([cell.strip() for cell in line.strip("|").split("|")])
@@ -109,25 +109,34 @@ def test_measured_rows_are_the_best_by_validation(store: Path, tmp_path: Path) -
         # the published column is CIFAR-100-LT at the same factor, for reference
         assert sorted(row[5].split(" / ")[0] for row in mine) == sorted(
             f"{p.overall[10]:.2f}" for p in published)
-    count = [r for r in rows if "(`dro_lt/count`)" in r[0]]
-    assert [r[4] for r in count] == [NOT_MEASURED] and count[0][3] == "-"
+    # the measured table holds measured rows only; the rest is listed after it
+    assert all(r[4] != NOT_MEASURED for r in rows)
+    text = target.read_text()
+    unmeasured = text[text.index("## Not measured"):]
+    digits = next(line for line in unmeasured.splitlines() if line.startswith("- digits_lt"))
+    # dro_lt/learned was measured (sweep dro-holdout), dro_lt/count was not
+    assert "(`dro_lt/count`)" in digits and "(`dro_lt/learned`)" not in digits
 
 
-def test_cifar100_section_lists_every_published_line(store: Path) -> None:
+def test_report_leads_with_what_was_measured(store: Path) -> None:
     trials = load_trials(local_tracking_uri(store), EXPERIMENT)
     text = render_report(trials, EXPERIMENT, "store")
-    rows = _section(text, "cifar100_lt")
+    measured, unmeasured = text.index("## Measured"), text.index("## Not measured")
+    assert measured < text.index("### digits_lt") < unmeasured
+    assert NOT_MEASURED not in text[measured:unmeasured]  # nothing unmeasured above the fold
+    assert "### cifar100_lt" not in text  # no CIFAR-100 trial: no CIFAR-100 table at all
+    # every CIFAR-100-LT published line nothing was measured for: one compact line, all IFs
+    listed = [line for line in text[unmeasured:].splitlines()
+              if line.startswith("- cifar100_lt: ")]
     lines = [p for p in PUBLISHED if p.dataset == "cifar100_lt"]
-    assert len(rows) == len(lines) * len(CIFAR_FACTORS)
-    for line in lines:
+    assert len(listed) == len(lines)
+    for published in lines:
+        line = next(item for item in listed if f", {published.label} (" in item)
         for factor in CIFAR_FACTORS:
-            row = next(r for r in rows if r[1].startswith(line.label + " (")
-                       and r[2] == f"{factor:g}")
-            assert row[4] == NOT_MEASURED and row[6] == "-"
-            many_med_few = line.groups.get(factor)
-            expected = [f"{line.overall[factor]:.2f}",
-                        *([f"{v:.2f}" for v in many_med_few] if many_med_few else ["-"] * 3)]
-            assert row[5] == " / ".join(expected)
+            groups = published.groups.get(factor)
+            value = " / ".join([f"{published.overall[factor]:.2f}",
+                                *(f"{v:.2f}" for v in groups or ())])
+            assert f"IF {factor:g}: {value}" in line
 
 
 def test_gap_is_ours_minus_published_on_the_same_benchmark(store: Path) -> None:
