@@ -107,9 +107,15 @@ class SweepClaim:
     handle: IO[str]
     made: Path | None  # the first folder this driver created (the sweep's, or --storage)
 
+    def release(self) -> None:
+        """The driver is done. Closed here, not left to garbage collection: a frame kept alive
+        by a stored traceback would otherwise hold the lock past `main()` in the same process
+        (a notebook, a test) and refuse the next driver."""
+        self.handle.close()
+
     def abandon(self) -> None:
         """The sweep never started (bad input found after the claim): leave nothing behind."""
-        self.handle.close()
+        self.release()
         if self.made is not None:
             shutil.rmtree(self.made, ignore_errors=True)
 

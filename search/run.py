@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
+        claim.release()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
