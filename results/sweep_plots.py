@@ -10,9 +10,10 @@ node may not have):
 - optimization_history  the objective (validation accuracy) of every completed trial, and the
                         best so far;
 - parallel_coordinate   every completed trial as a line through its searched values to its
-                        objective (the PNG, drawn here, also shows the trials stopped early, grey
-                        and dashed; a trial crosses the axis of a value it did not sample, e.g.
-                        eps of an erm radius, at "not sampled" below it);
+                        objective, coloured by it (viridis: the worst is dark, never white), and
+                        the trials stopped early grey and dashed at their last value; a trial
+                        crosses the axis of a value it did not sample, e.g. eps of an erm radius,
+                        at "not sampled" below it (drawn here for both HTML and PNG);
 - param_importances     fANOVA importance of each hyperparameter for the objective, only from
                         MIN_IMPORTANCE_TRIALS completed trials on (a forest fitted to fewer
                         points ranks noise): skipped otherwise, and notes.txt says so.
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +99,11 @@ def make_sweep_plots(study: Any, out_dir: str | Path, target_name: str = OBJECTI
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ExperimentalWarning of the matplotlib backend
-                figure = plotly_fn(study, **kwargs)
-                axes = None if name == "parallel_coordinate" else mpl_fn(study, **kwargs)
+                if name == "parallel_coordinate":  # drawn here, readable (_parallel_lines)
+                    figure, axes = _parallel_figure(study, target_name, counted), None
+                else:
+                    figure = plotly_fn(study, **kwargs)
+                    axes = mpl_fn(study, **kwargs)
         except (ValueError, RuntimeError) as exc:  # e.g. importances of a degenerate study
             log.info("sweep plot %s skipped: %s", name, exc)
             notes.append(f"{name}: skipped, {exc}")
@@ -106,9 +111,8 @@ def make_sweep_plots(study: Any, out_dir: str | Path, target_name: str = OBJECTI
         shown = (f"{_with_intermediate(trials)} trials, stopped early included"
                  if name == "intermediate_values" else counted)
         notes.append(f"{name}: drawn from {shown}")
-        figure.update_layout(title=f"{figure.layout.title.text or name} ({shown})")
-        if name == "parallel_coordinate":
-            figure.update_layout(margin={"l": 80, "r": 80})
+        if name != "parallel_coordinate":  # its title says it already
+            figure.update_layout(title=f"{figure.layout.title.text or name} ({shown})")
         if name == "intermediate_values":
             figure.update_layout(xaxis_title="epoch", yaxis_title=target_name)
         html = out / f"{name}.html"
@@ -170,16 +174,19 @@ def _skip_reason(study: Any, min_importance_trials: int = MIN_IMPORTANCE_TRIALS
     return reasons
 
 
-def _parallel_png(study: Any, path: Path, target_name: str, shown: str) -> Path:
-    """Parallel coordinates as a PNG that reads on paper: one axis per searched value (log
-    axes for log-scale dimensions, categories spaced evenly) and the objective last; completed
-    trials coloured by their objective (viridis, dark = worst), trials stopped early grey and
-    dashed at their last value; tick labels on white boxes beside their axis."""
-    import numpy as np
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
+@dataclass
+class _ParallelLines:
+    """Parallel coordinates, drawn by both renderers: one axis per searched value (log axes for
+    log-scale dimensions, categories spaced evenly) and the objective last, every position in
+    [0, 1] (NOT_SAMPLED below an axis a trial did not sample)."""
+
+    axes: list[tuple[str, list[tuple[float, str]]]]  # (label, ticks [(position, text)])
+    lines: list[tuple[list[float], float, bool]]  # (positions, objective, completed), best last
+    low: float  # the completed trials' objective range, for the colours
+    high: float
+
+
+def _parallel_lines(study: Any, target_name: str) -> _ParallelLines:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
 
@@ -217,21 +224,45 @@ def _parallel_png(study: Any, path: Path, target_name: str, shown: str) -> Path:
     hi = hi if hi > lo else lo + 1e-9
     axes_spec.append((target_name, lambda v: (v - lo) / (hi - lo),
                       [(i / 4, _tick(lo + (hi - lo) * i / 4)) for i in range(5)]))
-    fig = Figure(figsize=(max(8.0, 2.0 * len(axes_spec) + 2), 5.5), dpi=110)
-    fig.patch.set_facecolor("white")
-    ax = fig.add_subplot()
-    ax.set_facecolor("white")
-    cmap, norm = colormaps[COLOURMAP], Normalize(lo, hi)
-    xs = np.arange(len(axes_spec))
+    axes = []
+    for position, (label, _, ticks) in enumerate(axes_spec):
+        if position < len(names) and any(names[position] not in t.params for t in trials):
+            ticks = [*ticks, (NOT_SAMPLED, "not sampled")]  # e.g. eps of an erm radius
+        axes.append((label, ticks))
     order = sorted(range(len(trials)), key=lambda i: (trials[i].state == TrialState.COMPLETE,
                                                       objectives[i]))
-    stopped_label = completed_label = True
+    lines = []
     for i in order:  # the best last: on top
         trial, value = trials[i], objectives[i]
         ys = [spec[1](trial.params[name]) if name in trial.params else NOT_SAMPLED
               for spec, name in zip(axes_spec[:-1], names, strict=True)]
         ys.append(axes_spec[-1][1](value) if not math.isnan(value) else math.nan)
-        if trial.state == TrialState.COMPLETE:
+        lines.append((ys, value, trial.state == TrialState.COMPLETE))
+    coloured = [v for ys, v, completed in lines if completed and not math.isnan(v)] or [lo, hi]
+    # colours span the completed trials only: the worst of them is the darkest
+    return _ParallelLines(axes, lines, min(coloured), max(coloured))
+
+
+def _parallel_png(study: Any, path: Path, target_name: str, shown: str) -> Path:
+    """Parallel coordinates as a PNG that reads on paper: completed trials coloured by their
+    objective (viridis, dark = worst), trials stopped early grey and dashed at their last
+    value; tick labels on white boxes beside their axis."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    drawn = _parallel_lines(study, target_name)
+    fig = Figure(figsize=(max(8.0, 2.0 * len(drawn.axes) + 2), 5.5), dpi=110)
+    fig.patch.set_facecolor("white")
+    ax = fig.add_subplot()
+    ax.set_facecolor("white")
+    cmap, norm = colormaps[COLOURMAP], Normalize(drawn.low, drawn.high)
+    xs = np.arange(len(drawn.axes))
+    stopped_label = completed_label = True
+    for ys, value, completed in drawn.lines:
+        if completed:
             ax.plot(xs, ys, color=cmap(norm(value)), linewidth=2.0, alpha=0.9, zorder=3,
                     label="completed (colour: its objective)" if completed_label else None)
             completed_label = False
@@ -239,19 +270,17 @@ def _parallel_png(study: Any, path: Path, target_name: str, shown: str) -> Path:
             ax.plot(xs, ys, color="0.55", linewidth=1.2, linestyle="--", zorder=2,
                     label="stopped early (last value)" if stopped_label else None)
             stopped_label = False
-    for x, (_name, _, ticks) in zip(xs, axes_spec, strict=True):
+    for x, (_label, ticks) in zip(xs, drawn.axes, strict=True):
         ax.plot([x, x], [0, 1], color="black", linewidth=1, zorder=1)
-        if x < len(names) and any(names[x] not in t.params for t in trials):
-            ticks = [*ticks, (NOT_SAMPLED, "not sampled")]  # e.g. eps of an erm radius
         for unit, text in ticks:
             ax.text(x - 0.04, unit, text, ha="right", va="center", fontsize=7, zorder=5,
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85,
                           "pad": 0.5})
     ax.set_xticks(xs)
-    ax.set_xticklabels([spec[0] for spec in axes_spec], fontsize=8, rotation=15)
+    ax.set_xticklabels([label for label, _ in drawn.axes], fontsize=8, rotation=15)
     ax.set_yticks([])
     ax.set_ylim(NOT_SAMPLED - 0.05, 1.05)
-    ax.set_xlim(-0.6, len(axes_spec) - 0.6)
+    ax.set_xlim(-0.6, len(drawn.axes) - 0.6)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     colourbar = fig.colorbar(ScalarMappable(norm, cmap), ax=ax, pad=0.01)
@@ -260,6 +289,45 @@ def _parallel_png(study: Any, path: Path, target_name: str, shown: str) -> Path:
     ax.set_title(f"Parallel coordinates ({shown}; stopped early trials dashed)", fontsize=9)
     fig.savefig(path, format="png", bbox_inches="tight")
     return path
+
+
+def _parallel_figure(study: Any, target_name: str, shown: str) -> Any:
+    """The same parallel coordinates as the PNG, as a plotly figure for the HTML page (Optuna's
+    own draws the worst trial near-white, in Blues, and leaves out the trials stopped early)."""
+    import plotly.graph_objects as go
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize, to_hex
+
+    drawn = _parallel_lines(study, target_name)
+    cmap, norm = colormaps[COLOURMAP], Normalize(drawn.low, drawn.high)
+    xs = list(range(len(drawn.axes)))
+    figure = go.Figure()
+    for ys, value, completed in drawn.lines:
+        style = ({"color": to_hex(cmap(norm(value))), "width": 2.5} if completed
+                 else {"color": "#8c8c8c", "width": 1.2, "dash": "dash"})
+        figure.add_trace(go.Scatter(
+            x=xs, y=ys, mode="lines", line=style, showlegend=False,
+            name="completed" if completed else "stopped early",
+            hovertemplate=f"{target_name}: {value:.4g}<extra></extra>"))
+    for x, (_label, ticks) in zip(xs, drawn.axes, strict=True):
+        figure.add_trace(go.Scatter(x=[x, x], y=[0, 1], mode="lines", showlegend=False,
+                                    line={"color": "black", "width": 1}, hoverinfo="skip"))
+        for unit, text in ticks:
+            figure.add_annotation(x=x, y=unit, text=text, xanchor="right", showarrow=False,
+                                  xshift=-4, font={"size": 10}, bgcolor="rgba(255,255,255,0.85)")
+    # the colour bar: an invisible marker trace that carries the objective's scale
+    figure.add_trace(go.Scatter(
+        x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+        marker={"color": [drawn.low, drawn.high], "colorscale": COLOURMAP.capitalize(),
+                "cmin": drawn.low, "cmax": drawn.high, "showscale": True,
+                "colorbar": {"title": {"text": target_name}}}))
+    figure.update_layout(
+        title=f"Parallel coordinates ({shown}; stopped early trials dashed)",
+        plot_bgcolor="white", margin={"l": 80, "r": 80},
+        xaxis={"tickvals": xs, "ticktext": [label for label, _ in drawn.axes],
+               "showgrid": False, "zeroline": False},
+        yaxis={"visible": False, "range": [NOT_SAMPLED - 0.05, 1.05]})
+    return figure
 
 
 def _tick(value: float) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 from matplotlib import colormaps
+from matplotlib.colors import to_hex
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
@@ -224,6 +225,12 @@ def test_parallel_coordinates_png_is_readable(tmp_path: Path) -> None:
     assert sum(dark) / 3 < 0.4 and best > worst
     close = (abs(image - dark) < 0.08).all(axis=2)
     assert close.sum() > 200  # its line is drawn, in that dark colour
+    # the HTML page draws the same lines (Optuna's own fades the worst trial to white)
+    html = (tmp_path / "parallel_coordinate.html").read_text()
+    drawn = re.findall(r'"line":\{"color":"(#[0-9a-f]{6})"', html)
+    assert to_hex(dark) in drawn and "rgb(247,251,255)" not in html
+    assert html.count('"name":"completed"') == len(study.trials) - 1
+    assert html.count('"name":"stopped early"') == 1 and "#8c8c8c" in drawn
 
 
 def test_log_sweep_plots_to_the_parent_run(tmp_path: Path) -> None:
