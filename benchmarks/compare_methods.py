@@ -114,11 +114,12 @@ def feature_geometry(model_state: dict[str, Any], config: TrialConfig,
     so the ratio lies in [0, 1]: near 0 the radius barely changes the loss or its gradients
     (eps too small for the feature scale), near 1 it fully applies.
     """
-    dataset = build_dataset(config.dataset, imbalance=config.imbalance, profile=config.profile,
-                            protocol=config.protocol, data_dir=config.data_dir,
-                            split_seed=config.split_seed)
+    dataset = build_dataset(config.data.dataset, imbalance=config.data.imbalance,
+                            profile=config.data.profile, protocol=config.data.protocol,
+                            data_dir=config.data.data_dir, split_seed=config.data.split_seed)
     in_channels = dataset.splits["train"].images.shape[1]
-    model = create_model(config.model or dataset.default_model, dataset.num_classes, in_channels)
+    model = create_model(config.stage1.model or dataset.default_model, dataset.num_classes,
+                         in_channels)
     model.load_state_dict(model_state)
     model.eval()
     device = torch.device("cpu")
@@ -142,12 +143,12 @@ def feature_geometry(model_state: dict[str, Any], config: TrialConfig,
         "feature_norm_median": float(z.norm(dim=1).median()),
     }
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randperm(len(y), generator=generator)[:config.dro_batch_size]
+    batches = [torch.randperm(len(y), generator=generator)[:config.dro.batch_size]
                for _ in range(8)]
     zero = torch.zeros(dataset.num_classes)
 
     def loss(radii: torch.Tensor) -> float:
-        return sum(float(dro_loss(z[b], y[b], centroids, radii, config.temperature))
+        return sum(float(dro_loss(z[b], y[b], centroids, radii, config.dro.temperature))
                    for b in batches) / len(batches)
 
     base = loss(zero)
@@ -186,7 +187,7 @@ class GeometryProbe:
         config = self.config
         if config is None or metrics["replayed"]:
             return
-        last = {"stage1": config.epochs, "dro": config.dro_epochs}.get(metrics["phase"])
+        last = {"stage1": config.stage1.epochs, "dro": config.dro.epochs}.get(metrics["phase"])
         if metrics["phase_epoch"] != last:
             return
         geometry = feature_geometry(snapshot()["model"], config)
@@ -197,7 +198,7 @@ class GeometryProbe:
 
     def finish(self) -> dict[str, dict[str, float]]:
         assert self.config is not None
-        if self.config.dro_epochs == 0:
+        if self.config.dro.epochs == 0:
             return {}
         found = self.stage1.get(stage1_cache_key(self.config.stage1_key()))
         return {**({"stage1_end": found} if found else {}), **self.current}

@@ -20,7 +20,6 @@ their `dro_lt` sweep then reuses (same stage-1 key), so the probe costs no extra
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def sweep_stage1_config(bench_key: str, data_dir: str) -> TrialConfig:
                  download=False, n_max=data["n_max"], val_per_class=data["val_per_class"],
                  image_size=None, seed=0, model=data["model"])
     config = TrialConfig.from_dict(space.to_config({}, fixed))
-    return dataclasses.replace(config, dro_epochs=0, classifier="none", device="cpu")
+    return config.replace(dro_epochs=0, classifier="none", device="cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     result = run_trial(config, cache_dir=args.cache_dir)
     payload = torch.load(Stage1Cache(args.cache_dir).entry_path(config.stage1_key()),
                          map_location="cpu", weights_only=True)
-    lines = [f"# Feature scale against the DRO-LT radius ({config.dataset}, CPU protocol)", "",
+    lines = [f"# Feature scale against the DRO-LT radius ({config.data.dataset}, CPU protocol)", "",
              f"{environment()['date']}; {environment()['machine']}.",
-             f"Stage 1 of the `dro_lt` sweep: {config.model}, {config.epochs} epochs, "
-             f"n_max {config.n_max}, IF {config.imbalance:g}; its validation accuracy "
+             f"Stage 1 of the `dro_lt` sweep: {config.stage1.model}, "
+             f"{config.stage1.epochs} epochs, "
+             f"n_max {config.data.n_max}, IF {config.data.imbalance:g}; its validation accuracy "
              f"{100 * result['val']['all']:.1f}%.", ""]
     header = None
     for temperature in TEMPERATURES:
-        probe = feature_geometry(payload["model"], dataclasses.replace(config,
-                                 temperature=temperature), PROBE_EPS)
+        probe = feature_geometry(payload["model"], config.replace(temperature=temperature),
+                                 PROBE_EPS)
         if header is None:
             lines += ["| quantity | median |", "|---|---|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in probe.items() if not k.startswith(

@@ -56,7 +56,8 @@ LT_COUNTS = long_tail_counts(500, NUM_CLASSES, 100.0)
 LT_TRAIN, LT_VAL, LT_TEST = sum(LT_COUNTS), 20 * NUM_CLASSES, 100 * NUM_CLASSES
 SYNTHETIC_NAME = "synthetic_cifar100_lt"
 # Stage 1 as the DRO-LT recipe runs it (TrialConfig defaults, PRESETS["dro_lt_paper"]).
-STAGE1 = TrialConfig(epochs=200)
+RECIPE = TrialConfig.from_dict({"epochs": 200})
+STAGE1 = RECIPE.stage1
 
 
 # ---------------------------------------------------------------- data
@@ -180,7 +181,7 @@ def measure(
     def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(images), labels)
 
-    autocast = STAGE1.amp and device.type == "cuda"
+    autocast = RECIPE.runtime.amp and device.type == "cuda"
     stream = endless(batches)
     try:
         if warmup > 0:

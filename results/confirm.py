@@ -25,7 +25,6 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +109,10 @@ def confirm(tracking_uri: str, experiment: str, trials: pd.DataFrame, k: int, se
 
 def _run_one(recorder: SweepRecorder, original: pd.Series, offset: int, cache_dir: str | None,
              data_dir: str | None, say: Callable[[str], None]) -> str:
-    from trainables.config import TrialConfig
+    from trainables.config import KNOBS, TrialConfig
     from trainables.pipeline import run_trial
 
-    known = {f.name for f in fields(TrialConfig)}
+    known = set(KNOBS)
     config = {k: v for k, v in original["params"].items() if k in known}
     base = int(config.get("seed") or 0)
     config["seed"] = base + offset

@@ -82,7 +82,7 @@ def _trained(config: dict) -> TrialRunner:
 
 def test_posthoc_with_tau_zero_leaves_predictions_unchanged() -> None:
     runner = _trained({**ONE_EPOCH, "method": "ce"})
-    batches = runner._eval_batches("test")
+    batches = runner.eval_batches("test")
     before, labels, _ = predict(runner.model, batches, False)
     logits_before = torch.cat([runner.model(images) for images, _ in batches]).detach()
     adjust_posthoc_(runner.model.classifier, log_prior(runner.class_counts), 0.0)

@@ -107,17 +107,18 @@ def test_sampled_configs_are_valid_trial_configs(name: str) -> None:
         config = space.to_config(params, fixed)
         trial = TrialConfig.from_dict(config)  # raises on any invalid field
         assert trial.method == name
-        assert trial.dataset == "digits_lt"
+        assert trial.data.dataset == "digits_lt"
         if "cb_one_minus_beta" in params:
-            assert math.isclose(trial.cb_beta, 1 - params["cb_one_minus_beta"])
+            assert math.isclose(trial.classifier.cb_beta, 1 - params["cb_one_minus_beta"])
         if params.get("radius") == "count":
-            assert math.isclose(trial.eps, params["eps"] * math.sqrt(count_reference("digits_lt")))
+            assert math.isclose(trial.dro.eps,
+                                params["eps"] * math.sqrt(count_reference("digits_lt")))
         elif params.get("radius") in ("shared", "learned"):
-            assert trial.eps == params["eps"]
+            assert trial.dro.eps == params["eps"]
         elif params.get("radius") == "erm":
-            assert trial.eps == 0.0
+            assert trial.dro.eps == 0.0
         if "maxnorm" in params:
-            assert trial.maxnorm == params["maxnorm"]
+            assert trial.classifier.maxnorm == params["maxnorm"]
 
 
 def test_sampler_is_what_optuna_search_calls_and_survives_pickling() -> None:

@@ -91,7 +91,8 @@ class ClassBalancedLoss(nn.Module):
 
 def make_classifier_loss(name: str, class_counts: Sequence[int] | torch.Tensor,
                          beta: float) -> nn.Module:
-    """The stage-2 loss named by ``TrialConfig.cls_loss``: "ce", "cb" (softmax) or "cb_bce"."""
+    """The stage-2 loss named by the ``cls_loss`` field (``config.classifier.loss``): "ce",
+    "cb" (softmax) or "cb_bce"."""
     if name == "ce":
         return nn.CrossEntropyLoss()
     if name == "cb":

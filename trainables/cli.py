@@ -5,8 +5,9 @@
     python -m trainables.pipeline --method wb --wd 5e-3 --maxnorm 0.1
     python -m trainables.pipeline --preset wb_paper --dataset cifar100_lt --data-dir data --download
 
-Every TrialConfig field is a flag (`--cls-lr`, `--dro-epochs`, ...), and so is every option a
-registered method owns (`--la-tau`, listed under its method in `--help`). Bad input prints one
+Every TrialConfig field is a flag by its flat name (`--cls-lr`, `--dro-epochs`, ...), listed in
+`--help` under its section (data, stage 1, DRO-LT phase, classifier phase, runtime), and so is
+every option a registered method owns (`--la-tau`, listed under its method). Bad input prints one
 line and exits 2.
 """
 
@@ -15,10 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from typing import Any
 
-from trainables.config import PRESETS, ConfigError, TrialConfig
+from trainables.config import (
+    KNOBS,
+    MAXNORM_MODES,
+    PRESETS,
+    SECTIONS,
+    ConfigError,
+    TrialConfig,
+)
 from trainables.data import DataError, dataset_names
 from trainables.methods import METHODS
 from trainables.pipeline import run_trial
@@ -51,39 +58,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the authors' recipe")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--cache-dir", help="stage-1 cache folder (reuse identical stage-1 runs)")
-    parser.add_argument(
-        "--maxnorm",
-        metavar="T|off|step|epoch",
-        help="MaxNorm: a number is the relative radius t (projection every step); or a mode",
-    )
-    for item in fields(TrialConfig):
-        if item.name in ("maxnorm", "options"):
+    # one argument group a section, titled by it; top-level fields (--method) stay in the main one
+    groups = {name: parser.add_argument_group(section.TITLE, section.__doc__)
+              for name, section in SECTIONS.items()}
+    for flat, entry in KNOBS.items():
+        where = parser if entry.section is None else groups[entry.section]
+        if flat == "maxnorm":
+            where.add_argument(
+                "--maxnorm",
+                metavar="T|off|step|epoch",
+                help="MaxNorm: a number is the relative radius t (projection every step); "
+                     "or a mode",
+            )
             continue
-        flag = "--" + item.name.replace("_", "-")
-        parser.add_argument(flag, dest=item.name, type=_field_type(str(item.type)), default=None)
-    parser.add_argument("--wd", dest="weight_decay", type=float, help="alias of --weight-decay")
-    parser.add_argument("--lambda", dest="lam", type=float, help="alias of --lam")
+        where.add_argument(_flag(flat), dest=flat, type=_field_type(str(entry.spec.type)),
+                           default=None)
+    groups["stage1"].add_argument("--wd", dest="weight_decay", type=float,
+                                  help="alias of --weight-decay")
+    groups["dro"].add_argument("--lambda", dest="lam", type=float, help="alias of --lam")
     for method in METHODS.values():
         if not method.options:
             continue
         group = parser.add_argument_group(f"method {method.name}", method.summary)
         for option in method.options:
             kind = str if option.choices else float
-            group.add_argument("--" + option.name.replace("_", "-"), dest=option.name, type=kind,
+            group.add_argument(_flag(option.name), dest=option.name, type=kind,
                                choices=option.choices or None, default=None, help=option.help)
     return parser
 
 
+def _flag(flat: str) -> str:
+    return "--" + flat.replace("_", "-")
+
+
 def config_from_args(args: argparse.Namespace) -> TrialConfig:
     values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
-    names = [item.name for item in fields(TrialConfig) if item.name not in ("maxnorm", "options")]
+    names = [flat for flat in KNOBS if flat != "maxnorm"]
     names += [option.name for method in METHODS.values() for option in method.options]
     for name in names:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
     if args.maxnorm is not None:
-        if args.maxnorm in ("off", "step", "epoch"):
+        if args.maxnorm in MAXNORM_MODES:
             values["maxnorm"] = args.maxnorm
         else:
             try:

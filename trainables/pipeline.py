@@ -1,8 +1,13 @@
-"""A whole trial as plain PyTorch: stage 1 (CE), DRO-LT phase, classifier phase, evaluation.
+"""A whole trial as plain PyTorch: stage 1, DRO-LT phase, classifier phase, evaluation.
 
 `run_trial(config, on_epoch)` is what a notebook, a test, the single-trial CLI and the Ray Tune
 adapter all call. `on_epoch(metrics, snapshot)` sees every epoch of every phase; `snapshot()`
 returns the full training state, which `run_trial(..., resume_state=...)` continues from.
+
+`TrialRunner.run` is the whole trial: for each phase of the config's plan, the registered phase
+(`trainables.phases.PHASES`) builds what it trains and `train_phase`, the one epoch loop, trains
+it (stage 1 through the stage-1 cache when there is one: `CachedStage1`); then the post-hoc
+steps and the final evaluation.
 
     python -m trainables.pipeline --dataset digits_lt --epochs 30
 """
@@ -11,25 +16,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from trainables.balancing import class_row_norms, tau_normalise_
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import build_dataset
 from trainables.evaluation import accuracy_report, predict
 from trainables.loop import EpochStats, train_epoch
+from trainables.losses import make_radii
 from trainables.methods import get_method
 from trainables.models import create_model
 from trainables.normalised_classifier import normalise_classifier_
+from trainables.phases import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, PHASES, PhaseSpec
 from trainables.schedules import make_scheduler
+from trainables.stage1_cache import Stage1Cache
 
 OnEpoch = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
-EVAL_BATCH_SIZE = 512
-# Seeds each phase's sampler independently of the others, so resuming one phase is exact.
-PHASE_SEED_STRIDE = 7919
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,26 +45,6 @@ def resolve_device(name: str) -> torch.device:
             "device cuda was asked for but no CUDA GPU is visible; accepted here: auto, cpu"
         )
     return torch.device(name)
-
-
-@dataclass
-class PhaseSpec:
-    """What differs between phases; the epoch loop in `TrialRunner._train_phase` is shared."""
-
-    name: str
-    epochs: int
-    param_groups: list[dict[str, Any]]
-    lr: float
-    weight_decay: float
-    batch_size: int
-    schedule: str
-    sampler: str
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    warmup_epochs: int = 0
-    features_frozen: bool = False
-    before_epoch: Callable[[int], None] | None = None
-    after_step: Callable[[], None] | None = None
-    after_epoch: Callable[[], dict[str, Any]] | None = None
 
 
 class TrialRunner:
@@ -74,292 +59,71 @@ class TrialRunner:
         self.method = get_method(config.method)
         self.on_epoch = on_epoch
         self.resume = resume_state
-        self.cache_dir = cache_dir
-        self.device = resolve_device(config.device)
-        self.dataset = build_dataset(
-            config.dataset,
-            imbalance=config.imbalance,
-            profile=config.profile,
-            protocol=config.protocol,
-            data_dir=config.data_dir,
-            download=config.download,
-            split_seed=config.split_seed,
-            n_max=config.n_max,
-            val_per_class=config.val_per_class,
-            image_size=config.image_size,
-        )
+        self.stage1_cache = CachedStage1(cache_dir) if cache_dir is not None else None
+        self.device = resolve_device(config.runtime.device)
+        data = asdict(config.data)  # the data section is the dataset's name and options
+        self.dataset = build_dataset(data.pop("dataset"), **data)
         self.class_counts = self.dataset.class_counts
-        self.autocast = config.amp and self.device.type == "cuda"
-        torch.manual_seed(config.seed)
+        self.autocast = config.runtime.amp and self.device.type == "cuda"
+        torch.manual_seed(config.runtime.seed)
         in_channels = self.dataset.splits["train"].images.shape[1] if self.dataset.in_memory else 3
         self.model = create_model(
-            config.model or self.dataset.default_model, self.dataset.num_classes, in_channels
+            config.stage1.model or self.dataset.default_model, self.dataset.num_classes,
+            in_channels,
         ).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
             # fixed input shapes: let cuDNN pick the fastest kernels once
             torch.backends.cudnn.benchmark = True
         self.radii = None
-        if config.dro_epochs > 0:
-            from trainables.losses import make_radii
-
-            self.radii = make_radii(config.radius, config.eps, self.class_counts).to(self.device)
+        if config.dro.epochs > 0:
+            self.radii = make_radii(config.dro.radius, config.dro.eps, self.class_counts).to(
+                self.device)
         self.plan = config.phase_plan()
         self.history: list[dict[str, Any]] = []
         self.diagnostics: dict[str, Any] = {}
+        # the DRO phase's class centroids (snapshotted), and the clean ones its last NCM
+        # diagnostic computed, which the next epoch reuses instead of a second pass
         self.centroids: torch.Tensor | None = None
-        self._fresh_clean_centroids: torch.Tensor | None = None
+        self.fresh_clean_centroids: torch.Tensor | None = None
 
-    # ---------------------------------------------------------------- entry
+    # ---------------------------------------------------------------- the trial
     def run(self) -> dict[str, Any]:
-        start_phase = 0
-        if self.resume is not None:
-            start_phase = self._restore(self.resume)
+        start, resume = self._restore(self.resume)
         status = "completed"
-        for index, (phase, _epochs) in enumerate(self.plan):
-            if index < start_phase:
+        for index, (name, _epochs) in enumerate(self.plan):
+            if index < start:
                 continue
-            resume = self.resume if index == start_phase else None
-            status = self._run_phase(index, phase, resume)
+            phase = PHASES[name]
+            spec = phase.build(self, resume)
+            if phase.cached and self.stage1_cache is not None and self.stage1_cache.takes(resume):
+                status = self.stage1_cache.run(self, index, spec, resume)
+            else:
+                status = self.train_phase(index, spec, resume)
+            if phase.after is not None:
+                phase.after(self)
+            resume = None  # only the first phase run continues a snapshot
             if status == "diverged":
                 break
-        if status == "completed" and self.config.classifier == "tau_norm":
-            from trainables.balancing import tau_normalise_
-
-            tau_normalise_(self.model.classifier, self.config.tau)
-        if status == "completed" and self.method.finish is not None:
-            self.method.finish(self.config, self.model, self.class_counts)
+        if status == "completed":
+            self._post_hoc()
         return self._final_result(status)
 
-    def _run_phase(self, index: int, phase: str, resume: dict[str, Any] | None) -> str:
-        if phase == "stage1":
-            return self._run_stage1(resume)
-        if phase == "dro":
-            return self._train_phase(index, self._dro_spec(), resume)
-        return self._train_phase(index, self._classifier_spec(resume), resume)
+    def _post_hoc(self) -> None:
+        """Changes of the trained model after the last phase: tau-normalisation, then the
+        method's own (post-hoc logit adjustment, ...)."""
+        if self.config.classifier.mode == "tau_norm":
+            tau_normalise_(self.model.classifier, self.config.classifier.tau)
+        if self.method.finish is not None:
+            self.method.finish(self.config, self.model, self.class_counts)
 
-    # ---------------------------------------------------------------- stage 1
-    def _stage1_spec(self) -> PhaseSpec:
-        cfg = self.config
-        model = self.model
-        criterion = (F.cross_entropy if self.method.stage1_loss is None
-                     else self.method.stage1_loss(cfg, self.class_counts, self.device))
-
-        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return criterion(model(images), labels)
-
-        return PhaseSpec(
-            name="stage1",
-            epochs=cfg.epochs,
-            param_groups=[{"params": list(model.parameters())}],
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            batch_size=cfg.batch_size,
-            schedule=cfg.schedule,
-            warmup_epochs=cfg.warmup_epochs,
-            sampler="instance",
-            loss_fn=loss_fn,
-        )
-
-    def _run_stage1(self, resume: dict[str, Any] | None) -> str:
-        live = resume is not None and not resume.get("stage1_from_cache")
-        if self.cache_dir is None or live:
-            status = self._train_phase(0, self._stage1_spec(), resume)
-            self._after_stage1()
-            return status
-        from trainables.stage1_cache import Stage1Cache
-
-        def train() -> dict[str, Any]:
-            status = self._train_phase(0, self._stage1_spec(), None)
-            return {
-                "status": status,
-                "model": self.model.state_dict(),
-                "history": list(self.history),
-            }
-
-        payload, hit = Stage1Cache(self.cache_dir).get_or_train(self.config.stage1_key(), train)
-        if hit:
-            self.model.load_state_dict(payload["model"])
-            already = resume["phase_epoch"] if resume else 0
-            self._replay(payload["history"], already)
-        self._after_stage1()
-        return payload["status"]
-
-    def _replay(self, history: list[dict[str, Any]], already: int) -> None:
-        """Report cached stage-1 epochs so every trial reports the same epoch numbers."""
-        for position, metrics in enumerate(history):
-            replayed = {
-                **metrics,
-                "replayed": True,
-                "epoch_seconds": 0.0,
-                "train_seconds": 0.0,
-                "images_per_second": 0.0,
-            }
-            self.history.append(replayed)
-            if position < already or self.on_epoch is None:
-                continue
-            state = {
-                "phase_index": 0,
-                "phase_epoch": position + 1,
-                "stage1_from_cache": True,
-                "history": list(self.history),
-            }
-            self.on_epoch(replayed, lambda state=state: state)
-
-    def _after_stage1(self) -> None:
-        from trainables.balancing import class_row_norms
-
-        self.diagnostics["weight_norms_stage1"] = class_row_norms(self.model.classifier).tolist()
-        if self.radii is not None:
-            self.diagnostics["ncm_stage1"] = self._nearest_class_mean_report()
-
-    # ---------------------------------------------------------------- DRO-LT
-    def _dro_spec(self) -> PhaseSpec:
-        from trainables.losses import dro_loss
-
-        cfg, model, radii = self.config, self.model, self.radii
-        ce_weight = None
-        if cfg.ce_weighting == "count":
-            counts = torch.tensor(self.class_counts, dtype=torch.float32, device=self.device)
-            ce_weight = counts / counts.max()
-        ce_share, dro_share = (1.0, 1.0) if cfg.dro_combine == "sum" else (1 - cfg.lam, cfg.lam)
-
-        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            features = model.features(images)
-            logits = model.classifier(features)
-            ce = F.cross_entropy(logits, labels, weight=ce_weight)
-            robust = dro_loss(features, labels, self.centroids, radii(), cfg.temperature)
-            return ce_share * ce + dro_share * robust
-
-        body = [p for name, p in model.named_parameters() if not name.startswith("classifier.")]
-        groups = [{"params": body}]
-        if not cfg.dro_freeze_classifier:
-            groups.append({"params": list(model.classifier.parameters())})
-        if radii.trainable:
-            groups.append({"params": list(radii.parameters()), "weight_decay": 0.0})
-
-        def after_epoch() -> dict[str, Any]:
-            report = self._nearest_class_mean_report()
-            return {f"ncm_{key}": report[key] for key in ("all", "many", "medium", "few")}
-
-        return PhaseSpec(
-            name="dro",
-            epochs=cfg.dro_epochs,
-            param_groups=groups,
-            lr=cfg.dro_lr,
-            weight_decay=cfg.dro_weight_decay,
-            batch_size=cfg.dro_batch_size,
-            schedule=cfg.dro_schedule,
-            sampler=cfg.dro_sampler,
-            loss_fn=loss_fn,
-            before_epoch=self._refresh_centroids,
-            after_epoch=after_epoch,
-        )
-
-    def _centroid_batches(self, augmented: bool, epoch: int = 0):
-        return self.dataset.loader(
-            "train",
-            batch_size=EVAL_BATCH_SIZE if not augmented else self.config.dro_batch_size,
-            device=self.device,
-            augment=augmented,
-            sampler="class_aware" if augmented else "instance",
-            shuffle=augmented,
-            # a new class-aware draw and new crops every epoch, reproducible for the seed
-            seed=self.config.seed * PHASE_SEED_STRIDE + 1000 + epoch,
-        )
-
-    def _refresh_centroids(self, epoch: int) -> None:
-        from trainables.centroids import compute_centroids
-
-        augmented = self.config.centroids == "augmented"
-        if not augmented and self._fresh_clean_centroids is not None:
-            # the previous epoch's NCM diagnostic made exactly these, after the last step
-            self.centroids, self._fresh_clean_centroids = self._fresh_clean_centroids, None
-            return
-        batches = self._centroid_batches(augmented, epoch)
-        self.centroids = compute_centroids(
-            self.model, batches, self.dataset.num_classes, self.model.feature_dim, self.device
-        )
-
-    def _nearest_class_mean_report(self) -> dict[str, Any]:
-        """Representation quality: validation features classified by the nearest class mean."""
-        from trainables.centroids import compute_centroids, nearest_class_mean_predictions
-
-        centroids = compute_centroids(
-            self.model,
-            self._centroid_batches(False),
-            self.dataset.num_classes,
-            self.model.feature_dim,
-            self.device,
-        )
-        self._fresh_clean_centroids = centroids
-        _, labels, features = predict(self.model, self._eval_batches("val"), self.autocast)
-        predictions = nearest_class_mean_predictions(features, centroids.float())
-        return accuracy_report(predictions, labels, self.class_counts)
-
-    # ---------------------------------------------------------------- classifier
-    def _classifier_spec(self, resume: dict[str, Any] | None) -> PhaseSpec:
-        from trainables.balancing import (
-            class_row_norms,
-            maxnorm_project_,
-            relative_maxnorm_radius,
-        )
-        from trainables.class_balanced import make_classifier_loss
-
-        cfg, model = self.config, self.model
-        criterion = make_classifier_loss(cfg.cls_loss, self.class_counts, cfg.cb_beta).to(
-            self.device
-        )
-
-        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():  # frozen feature extractor, BN in eval mode (see features_frozen)
-                features = model.features(images)
-            # the layer this phase trains runs in float32, not in train_epoch's bf16 autocast
-            with torch.autocast(images.device.type, enabled=False):
-                return criterion(classifier(features.float()), labels)
-
-        # The relative radius comes from the trained rows, so before any re-initialisation.
-        radius = self.diagnostics.get("maxnorm_radius")
-        if cfg.maxnorm != "off" and radius is None:
-            start_norms = class_row_norms(model.classifier)
-            radius = cfg.maxnorm_radius or relative_maxnorm_radius(start_norms, cfg.maxnorm_t)
-            self.diagnostics["maxnorm_radius"] = float(radius)
-        if cfg.cls_norm == "l2":  # its learned scale starts from the trained rows, too
-            normalise_classifier_(model, cfg.cls_norm_scale)
-        classifier = model.classifier
-        if cfg.cls_reinit and resume is None:
-            from trainables.balancing import reinit_classifier_
-
-            reinit_classifier_(classifier)
-
-        def project() -> None:
-            maxnorm_project_(classifier, radius)
-
-        def project_after_epoch() -> dict[str, Any]:  # the authors' code: once per epoch
-            project()
-            return {}
-
-        return PhaseSpec(
-            name="classifier",
-            epochs=cfg.cls_epochs,
-            param_groups=_classifier_groups(classifier),
-            lr=cfg.cls_lr,
-            weight_decay=cfg.cls_weight_decay,
-            batch_size=cfg.cls_batch_size,
-            schedule=cfg.cls_schedule,
-            sampler=cfg.cls_sampler,
-            loss_fn=loss_fn,
-            features_frozen=True,
-            after_step=project if cfg.maxnorm == "step" else None,
-            after_epoch=project_after_epoch if cfg.maxnorm == "epoch" else None,
-        )
-
-    # ---------------------------------------------------------------- shared epoch loop
-    def _train_phase(self, index: int, spec: PhaseSpec, resume: dict[str, Any] | None) -> str:
-        cfg = self.config
-        optimizer = torch.optim.SGD(
-            spec.param_groups, lr=spec.lr, momentum=cfg.momentum, weight_decay=spec.weight_decay
-        )
+    # ---------------------------------------------------------------- the epoch loop
+    def train_phase(self, index: int, spec: PhaseSpec, resume: dict[str, Any] | None) -> str:
+        """Train phase `index` of the plan as `spec` says, from `resume` if given; the status
+        ("completed" or "diverged")."""
+        optimizer = torch.optim.SGD(spec.param_groups, lr=spec.lr,
+                                    momentum=self.config.stage1.momentum,
+                                    weight_decay=spec.weight_decay)
         batches = self.dataset.loader(
             "train",
             batch_size=spec.batch_size,
@@ -367,7 +131,7 @@ class TrialRunner:
             augment=True,
             sampler=spec.sampler,
             shuffle=True,
-            seed=cfg.seed * PHASE_SEED_STRIDE + index,
+            seed=self.config.runtime.seed * PHASE_SEED_STRIDE + index,
         )
         scheduler = make_scheduler(
             optimizer, spec.schedule, spec.epochs, len(batches), spec.warmup_epochs
@@ -439,16 +203,14 @@ class TrialRunner:
         return metrics
 
     # ---------------------------------------------------------------- evaluation
-    def _eval_batches(self, split: str):
+    def eval_batches(self, split: str):
         return self.dataset.loader(split, batch_size=EVAL_BATCH_SIZE, device=self.device)
 
     def evaluate(self, split: str) -> dict[str, Any]:
-        predictions, labels, _ = predict(self.model, self._eval_batches(split), self.autocast)
+        predictions, labels, _ = predict(self.model, self.eval_batches(split), self.autocast)
         return accuracy_report(predictions, labels, self.class_counts)
 
     def _final_result(self, status: str) -> dict[str, Any]:
-        from trainables.balancing import class_row_norms
-
         radii = self.radii.values() if self.radii is not None else None
         return {
             "status": status,
@@ -494,34 +256,82 @@ class TrialRunner:
 
         return snapshot
 
-    def _restore(self, state: dict[str, Any]) -> int:
+    def _restore(self, state: dict[str, Any] | None) -> tuple[int, dict[str, Any] | None]:
+        """Load a snapshot; (index of the first phase to run, the state it continues from)."""
+        if state is None or CachedStage1.is_replay(state):
+            return 0, state  # nothing trained to load: the cache replays stage 1 again
         self.history = list(state.get("history", []))
-        if state.get("stage1_from_cache"):
-            # the cache replays stage 1 from the start; drop what it will report again
-            self.history = []
-            return 0
         if "classifier.log_scale" in state["model"]:  # saved in an L2-normalised phase
-            normalise_classifier_(self.model, self.config.cls_norm_scale)
+            normalise_classifier_(self.model, self.config.classifier.norm_scale)
         self.model.load_state_dict(state["model"])
         if self.radii is not None and state.get("radii") is not None:
             self.radii.load_state_dict(state["radii"])
         self.centroids = state.get("centroids")
         self.diagnostics = dict(state.get("diagnostics", {}))
         index = state["phase_index"]
-        if state["phase_epoch"] >= self.plan[index][1]:  # phase finished: start the next one
-            if index == 0:
-                self._after_stage1()
-            self.resume = None
-            return index + 1
-        return index
+        name, epochs = self.plan[index]
+        if state["phase_epoch"] >= epochs:  # phase finished: start the next one
+            after = PHASES[name].after
+            if after is not None:
+                after(self)
+            return index + 1, None
+        return index, state
 
 
-def _classifier_groups(classifier: torch.nn.Module) -> list[dict[str, Any]]:
-    """The classifier's parameters; a learned scale of an L2-normalised classifier is never
-    weight-decayed (decay would shrink every logit alike, docs/methods.md 5)."""
-    scale = [p for name, p in classifier.named_parameters() if name == "log_scale"]
-    rest = [p for name, p in classifier.named_parameters() if name != "log_scale"]
-    return [{"params": rest}, *([{"params": scale, "weight_decay": 0.0}] if scale else [])]
+class CachedStage1:
+    """Stage 1 through the disk cache (trainables.stage1_cache), keyed by config.stage1_key():
+    the one place that trains into the cache, loads from it and replays its epochs.
+
+    A hit loads the cached model and reports the cached epochs again, marked `replayed`, so
+    every trial reports the same epoch numbers. A snapshot taken during the replay holds no
+    training state, only `stage1_from_cache` and how far it got: resuming from it replays
+    again, reporting only the epochs not reported yet. A snapshot of a stage 1 trained live
+    (a miss) resumes that training without the cache.
+    """
+
+    def __init__(self, cache_dir: str) -> None:
+        self.cache = Stage1Cache(cache_dir)
+
+    @staticmethod
+    def is_replay(state: dict[str, Any]) -> bool:
+        return bool(state.get("stage1_from_cache"))
+
+    def takes(self, resume: dict[str, Any] | None) -> bool:
+        return resume is None or self.is_replay(resume)
+
+    def run(self, trial: TrialRunner, index: int, spec: PhaseSpec,
+            resume: dict[str, Any] | None) -> str:
+        def train() -> dict[str, Any]:
+            status = trial.train_phase(index, spec, None)
+            return {"status": status, "model": trial.model.state_dict(),
+                    "history": list(trial.history)}
+
+        payload, hit = self.cache.get_or_train(trial.config.stage1_key(), train)
+        if hit:
+            trial.model.load_state_dict(payload["model"])
+            self._replay(trial, index, payload["history"], resume["phase_epoch"] if resume else 0)
+        return payload["status"]
+
+    def _replay(self, trial: TrialRunner, index: int, history: list[dict[str, Any]],
+                already: int) -> None:
+        for position, metrics in enumerate(history):
+            replayed = {
+                **metrics,
+                "replayed": True,
+                "epoch_seconds": 0.0,
+                "train_seconds": 0.0,
+                "images_per_second": 0.0,
+            }
+            trial.history.append(replayed)
+            if position < already or trial.on_epoch is None:
+                continue
+            state = {
+                "phase_index": index,
+                "phase_epoch": position + 1,
+                "stage1_from_cache": True,
+                "history": list(trial.history),
+            }
+            trial.on_epoch(replayed, lambda state=state: state)
 
 
 def _ncm_from_history(history: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -545,6 +355,8 @@ def run_trial(
 
 
 if __name__ == "__main__":
+    # imported here: the command module imports this one (run_trial), so a top-level import
+    # would be a cycle
     from trainables.cli import main
 
     raise SystemExit(main())
