@@ -107,18 +107,24 @@ def confirm(tracking_uri: str, experiment: str, trials: pd.DataFrame, k: int, se
     return leaderboard(runs[runs["sweep"] == name], "sweep", top=k)
 
 
-def _run_one(recorder: SweepRecorder, original: pd.Series, offset: int, cache_dir: str | None,
-             data_dir: str | None, say: Callable[[str], None]) -> str:
+def rerun_config(params: dict[str, Any], offset: int, data_dir: str | None) -> dict[str, Any]:
+    """The logged configuration of a run (its MLflow params: every config field and the options
+    of its method; not the search.* values) with its seed moved by `offset`, as a flat dict."""
     from trainables.config import KNOBS, TrialConfig
-    from trainables.pipeline import run_trial
+    from trainables.methods import option_owner
 
-    known = set(KNOBS)
-    config = {k: v for k, v in original["params"].items() if k in known}
-    base = int(config.get("seed") or 0)
-    config["seed"] = base + offset
+    config = {k: v for k, v in params.items() if k in KNOBS or option_owner(k) is not None}
+    config["seed"] = int(config.get("seed") or 0) + offset
     if data_dir:
         config["data_dir"] = data_dir
-    config = TrialConfig.from_dict(config).to_dict()
+    return TrialConfig.from_dict(config).to_dict()
+
+
+def _run_one(recorder: SweepRecorder, original: pd.Series, offset: int, cache_dir: str | None,
+             data_dir: str | None, say: Callable[[str], None]) -> str:
+    from trainables.pipeline import run_trial
+
+    config = rerun_config(original["params"], offset, data_dir)
     trial_id = f"{original['trial_id']}.s{config['seed']}"
     run_id = recorder.trial_run(trial_id, config,
                                 tags={"seed": config["seed"], "confirms": original.name},

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from results.confirm import rerun_config
 from results.leaderboard import (
     TIE_Z,
     compare,
@@ -43,6 +44,7 @@ from results.mlflow_logging import (
 )
 from search.book import KEY_ATTR
 from search.ledger import Ledger, Status
+from trainables.config import TrialConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "pick"
@@ -163,6 +165,16 @@ def test_confirm_reruns_the_top_with_new_seeds(store: Path, client: MlflowClient
     # the tag a confirm run keeps makes its standard error the binomial one plus the seeds'
     assert row["val_se"] == pytest.approx(standard_error(
         row["val_all"], VAL_IMAGES, row["val_all_std"], 2))
+
+
+def test_a_confirm_run_keeps_the_options_of_its_method() -> None:
+    """A method's own options (la_tau) are run parameters like any config field: a confirm run
+    that dropped them would train the method's defaults under the original's name."""
+    params = {**TrialConfig.from_dict({"method": "la", "la_tau": 2.5, "la_form": "posthoc",
+                                       "seed": 4}).to_dict(), "search.la_tau": 2.5}
+    again = rerun_config(params, offset=2, data_dir="/elsewhere")
+    assert again["la_tau"] == 2.5 and again["la_form"] == "posthoc" and again["seed"] == 6
+    assert again["data_dir"] == "/elsewhere" and "search.la_tau" not in again
 
 
 def test_confirm_again_keeps_what_it_ran(store: Path, client: MlflowClient,
