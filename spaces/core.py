@@ -16,13 +16,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainables.config import KNOBS
 from trainables.data import SCALES
-from trainables.methods import METHODS
+from trainables.methods import METHODS, PHASES
 from trainables.registry import Registry, RegistryError, import_package
 
-PHASES = ("stage1", "dro", "classifier")
-# TrialConfig field holding each phase's epochs.
-PHASE_EPOCH_FIELDS = {"stage1": "epochs", "dro": "dro_epochs", "classifier": "cls_epochs"}
+# The flat name of each phase's epochs (its config section's `epochs`): epochs, dro_epochs, ...
+PHASE_EPOCH_FIELDS = {knob.section: flat for flat, knob in KNOBS.items()
+                      if knob.section in PHASES and knob.name == "epochs"}
 
 
 class SpaceError(ValueError):
