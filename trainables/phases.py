@@ -67,6 +67,15 @@ class PhaseSpec:
     after_step: Callable[[], None] | None = None
     after_epoch: Callable[[], dict[str, Any]] | None = None
 
+    @classmethod
+    def of(cls, name: str, section: Any, **rest: Any) -> PhaseSpec:
+        """The spec of phase `name` with its optimiser and data settings read from its config
+        section (epochs, lr, weight_decay, batch_size, schedule, sampler)."""
+        for key in ("epochs", "lr", "weight_decay", "batch_size", "schedule", "sampler"):
+            if key not in rest:  # stage 1 has no sampler setting: it passes its own
+                rest[key] = getattr(section, key)
+        return cls(name=name, **rest)
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -115,18 +124,8 @@ def stage1(trial: TrialRunner, resume: Resume) -> PhaseSpec:
     def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return criterion(model(images), labels)
 
-    return PhaseSpec(
-        name="stage1",
-        epochs=cfg.epochs,
-        param_groups=[{"params": list(model.parameters())}],
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size,
-        schedule=cfg.schedule,
-        warmup_epochs=cfg.warmup_epochs,
-        sampler="instance",
-        loss_fn=loss_fn,
-    )
+    return PhaseSpec.of("stage1", cfg, param_groups=[{"params": list(model.parameters())}],
+                        warmup_epochs=cfg.warmup_epochs, sampler="instance", loss_fn=loss_fn)
 
 
 # ---------------------------------------------------------------- DRO-LT
@@ -157,19 +156,9 @@ def dro(trial: TrialRunner, resume: Resume) -> PhaseSpec:
         report = nearest_class_mean_report(trial)
         return {f"ncm_{key}": report[key] for key in ("all", "many", "medium", "few")}
 
-    return PhaseSpec(
-        name="dro",
-        epochs=cfg.epochs,
-        param_groups=groups,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size,
-        schedule=cfg.schedule,
-        sampler=cfg.sampler,
-        loss_fn=loss_fn,
-        before_epoch=lambda epoch: _refresh_centroids(trial, epoch),
-        after_epoch=after_epoch,
-    )
+    return PhaseSpec.of("dro", cfg, param_groups=groups, loss_fn=loss_fn,
+                        before_epoch=lambda epoch: _refresh_centroids(trial, epoch),
+                        after_epoch=after_epoch)
 
 
 def _centroid_batches(trial: TrialRunner, augmented: bool, epoch: int = 0):
@@ -238,20 +227,10 @@ def classifier(trial: TrialRunner, resume: Resume) -> PhaseSpec:
         project()
         return {}
 
-    return PhaseSpec(
-        name="classifier",
-        epochs=cfg.epochs,
-        param_groups=_classifier_groups(layer),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size,
-        schedule=cfg.schedule,
-        sampler=cfg.sampler,
-        loss_fn=loss_fn,
-        features_frozen=True,
-        after_step=project if cfg.maxnorm == "step" else None,
-        after_epoch=project_after_epoch if cfg.maxnorm == "epoch" else None,
-    )
+    return PhaseSpec.of("classifier", cfg, param_groups=_classifier_groups(layer),
+                        loss_fn=loss_fn, features_frozen=True,
+                        after_step=project if cfg.maxnorm == "step" else None,
+                        after_epoch=project_after_epoch if cfg.maxnorm == "epoch" else None)
 
 
 def _classifier_groups(layer: torch.nn.Module) -> list[dict[str, Any]]:
