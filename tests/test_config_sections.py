@@ -21,7 +21,7 @@ OTHER = {
     "dro_epochs": 3, "dro_lr": 0.01, "dro_weight_decay": 0.0, "dro_batch_size": 32,
     "dro_schedule": "cosine", "dro_sampler": "class_aware", "lam": 0.25, "radius": "learned",
     "eps": 0.3, "temperature": 2.0, "centroids": "augmented", "dro_combine": "sum",
-    "ce_weighting": "count", "dro_freeze_classifier": True,
+    "ce_weighting": "count", "dro_freeze_classifier": True, "ncm_every": 2,
     "classifier": "tau_norm", "cls_reinit": True, "cls_epochs": 4, "cls_lr": 0.2,
     "cls_weight_decay": 0.01, "cls_batch_size": 16, "cls_schedule": "constant",
     "cls_sampler": "class_balanced", "cls_loss": "cb_bce", "cls_norm": "l2",

@@ -122,6 +122,25 @@ def test_resume_from_a_snapshot_reproduces_the_uninterrupted_run():
         assert resumed["diagnostics"]["radii"] == pytest.approx(full["diagnostics"]["radii"])
 
 
+def test_the_nearest_class_mean_diagnostic_runs_when_due_and_changes_no_training():
+    """ncm_every: the diagnostic every N DRO epochs and after the last; skipping it changes
+    nothing of the training (its clean centroids are the ones the next epoch would make)."""
+    config = {"method": "dro_lt", "radius": "learned", **TINY, "dro_epochs": 3}
+    runs = {}
+    for every in (0, 1, 2):
+        seen: list[dict] = []
+        result = run_trial({**config, "ncm_every": every},
+                           on_epoch=lambda m, _s, into=seen: into.append(m))
+        dro_epochs = [m for m in seen if m["phase"] == "dro"]
+        runs[every] = ([m["phase_epoch"] for m in dro_epochs if "ncm_all" in m],
+                       [m["val_all"] for m in seen], result)
+    assert [runs[every][0] for every in (0, 1, 2)] == [[3], [1, 2, 3], [2, 3]]
+    for every in (0, 2):  # the same training, to the bit, with fewer diagnostic passes
+        assert runs[every][1] == runs[1][1]
+        assert runs[every][2]["test"]["per_class"] == runs[1][2]["test"]["per_class"]
+        assert runs[every][2]["diagnostics"]["ncm_val"] == runs[1][2]["diagnostics"]["ncm_val"]
+
+
 def test_a_non_finite_loss_stops_the_run_as_diverged():
     seen = []
     result = run_trial({"epochs": 5, "lr": 1e8}, on_epoch=lambda m, _s: seen.append(m))

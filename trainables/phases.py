@@ -152,13 +152,26 @@ def dro(trial: TrialRunner, resume: Resume) -> PhaseSpec:
     if radii.trainable:
         groups.append({"params": list(radii.parameters()), "weight_decay": 0.0})
 
+    done = [0]  # epochs of the phase finished once the current one ends
+
+    def before_epoch(epoch: int) -> None:
+        done[0] = epoch + 1
+        _refresh_centroids(trial, epoch)
+
     def after_epoch() -> dict[str, Any]:
+        if not ncm_due(done[0], cfg.epochs, cfg.ncm_every):
+            return {}  # training is the same either way: the next epoch makes the centroids
         report = nearest_class_mean_report(trial)
         return {f"ncm_{key}": report[key] for key in ("all", "many", "medium", "few")}
 
     return PhaseSpec.of("dro", cfg, param_groups=groups, loss_fn=loss_fn,
-                        before_epoch=lambda epoch: _refresh_centroids(trial, epoch),
-                        after_epoch=after_epoch)
+                        before_epoch=before_epoch, after_epoch=after_epoch)
+
+
+def ncm_due(done: int, epochs: int, every: int) -> bool:
+    """Whether the nearest-class-mean diagnostic runs after `done` of `epochs` epochs: every
+    `every` epochs (0: never in between) and always after the last."""
+    return done == epochs or (every > 0 and done % every == 0)
 
 
 def _centroid_batches(trial: TrialRunner, augmented: bool, epoch: int = 0):
