@@ -125,8 +125,8 @@ class DROConfig:
     combine: str = knob("convex", flat="dro_combine", check=_choice(DRO_COMBINES))
     ce_weighting: str = knob("none", check=_choice(CE_WEIGHTINGS))
     freeze_classifier: bool = knob(False, flat="dro_freeze_classifier")
-    # The nearest-class-mean diagnostic (a clean centroid pass and a validation pass, about half
-    # a training epoch): every N epochs of the phase and at its end; 0: at its end only.
+    # The nearest-class-mean diagnostic (a clean centroid pass and a validation pass): every N
+    # epochs of the phase and at its end; 0: at its end only (docs/methods.md 4).
     ncm_every: int = knob(0, check=_number(0, 100_000))
 
 
