@@ -77,13 +77,23 @@ def open_study(plan: SweepPlan) -> optuna.Study:
                          "or start a new sweep with another --name)") from None
 
 
+def _shared_stage1_threads(plan: SweepPlan, resources: Any) -> int | None:
+    """Every slot's CPUs for the one stage 1 all trials share (while it trains, the other slots
+    wait for it on the cache's lock); None where trials search stage 1 (each trains its own) or
+    train on GPUs."""
+    if not plan.space.shares_stage1 or resources.gpus:
+        return None
+    return max(1, int(resources.cpus * resources.max_concurrent))
+
+
 def build_tuner(plan: SweepPlan, resources: Any, book: SweepBook, stopper: StopAll) -> Any:
     """A fresh Tuner for what is left of the sweep (see the module docstring)."""
     options = plan.options
     runtime = TrialRuntime(cache_dir=str(Path(options.storage) / "stage1_cache"),
                            rung_offset=plan.rung_offset,
                            checkpoint_interval_s=options.checkpoint_interval,
-                           sweep_dir=str(plan.sweep_dir))
+                           sweep_dir=str(plan.sweep_dir),
+                           stage1_threads=_shared_stage1_threads(plan, resources))
     trainable = tune.with_resources(tune.with_parameters(train_trial, runtime=runtime),
                                     {"cpu": resources.cpus, "gpu": resources.gpus})
     scheduler = make_scheduler(options.scheduler, rung_offset=plan.rung_offset,

@@ -134,6 +134,12 @@ class Space:
             self.derive(params, config)
         return config
 
+    @property
+    def shares_stage1(self) -> bool:
+        """Whether every trial of the space trains the same stage 1 (nothing searched acts on
+        it): one trial trains it into the stage-1 cache, the others replay it."""
+        return all(dim.phase != "stage1" for dim in self.dimensions)
+
     def rung_offset(self, config: Mapping[str, Any]) -> int:
         """Epochs before every searched dimension has acted on training.
 

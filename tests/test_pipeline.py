@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -147,6 +148,24 @@ def test_a_non_finite_loss_stops_the_run_as_diverged():
     assert result["status"] == "diverged"
     assert seen[-1]["diverged"] is True
     assert result["epochs_run"] < 5
+
+
+def test_a_stage1_trained_into_the_cache_takes_the_threads_it_is_given(tmp_path):
+    """A sweep whose trials share stage 1 gives the trial that trains it the idle slots' cores
+    (search.sweep); only that stage 1, then the trial's own threads again."""
+    threads = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_trial({"method": "dro_lt", **TINY},
+                  lambda m, _s: threads.append((m["phase"], torch.get_num_threads())),
+                  cache_dir=str(tmp_path), stage1_threads=2)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    cores = min(2, os.cpu_count() or 1)
+    assert threads == [("stage1", cores)] * 4 + [("dro", 1)] * 2 + [("classifier", 1)] * 2
+    assert after == 1
 
 
 def test_second_trial_with_same_stage1_reuses_the_cache(tmp_path):

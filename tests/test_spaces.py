@@ -184,3 +184,8 @@ def test_list_spaces_prints_every_dimension_with_its_range(capsys) -> None:
     assert "lam" in out and "[0.05, 0.95]" in out and "{erm, shared, count, learned}" in out
     assert "if radius in {shared, count, learned}" in out and "if maxnorm in {step}" in out
     assert "[0.0001, 1]" in out  # stage-2 weight decay
+
+
+def test_a_space_shares_stage1_when_nothing_it_searches_acts_on_it() -> None:
+    shared = {name: get_space(name).shares_stage1 for name in ("dro_lt", "wb", "la", "ce")}
+    assert shared == {"dro_lt": True, "wb": False, "la": False, "ce": False}

@@ -14,8 +14,10 @@ steps and the final evaluation.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -54,12 +56,14 @@ class TrialRunner:
         on_epoch: OnEpoch | None = None,
         resume_state: dict[str, Any] | None = None,
         cache_dir: str | None = None,
+        stage1_threads: int | None = None,
     ) -> None:
         self.config = config
         self.method = get_method(config.method)
         self.on_epoch = on_epoch
         self.resume = resume_state
-        self.stage1_cache = CachedStage1(cache_dir) if cache_dir is not None else None
+        self.stage1_cache = (CachedStage1(cache_dir, stage1_threads) if cache_dir is not None
+                             else None)
         self.device = resolve_device(config.runtime.device)
         data = asdict(config.data)  # the data section is the dataset's name and options
         self.dataset = build_dataset(data.pop("dataset"), **data)
@@ -289,8 +293,11 @@ class CachedStage1:
     (a miss) resumes that training without the cache.
     """
 
-    def __init__(self, cache_dir: str) -> None:
+    def __init__(self, cache_dir: str, threads: int | None = None) -> None:
         self.cache = Stage1Cache(cache_dir)
+        # A sweep whose trials all share one stage 1 (see search.sweep): the trial that trains
+        # it holds the cache's lock while the others wait on it, idle, so it takes their cores.
+        self.threads = threads
 
     @staticmethod
     def is_replay(state: dict[str, Any]) -> bool:
@@ -302,7 +309,8 @@ class CachedStage1:
     def run(self, trial: TrialRunner, index: int, spec: PhaseSpec,
             resume: dict[str, Any] | None) -> str:
         def train() -> dict[str, Any]:
-            status = trial.train_phase(index, spec, None)
+            with torch_threads(self.threads):
+                status = trial.train_phase(index, spec, None)
             return {"status": status, "model": trial.model.state_dict(),
                     "history": list(trial.history)}
 
@@ -334,6 +342,19 @@ class CachedStage1:
             trial.on_epoch(replayed, lambda state=state: state)
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` (at most this machine's cores) for a while;
+    None leaves them as they are."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _ncm_from_history(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     rows = [m for m in history if "ncm_all" in m]
     if not rows:
@@ -347,11 +368,13 @@ def run_trial(
     on_epoch: OnEpoch | None = None,
     resume_state: dict[str, Any] | None = None,
     cache_dir: str | None = None,
+    stage1_threads: int | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one configuration; see the module docstring."""
+    """Train and evaluate one configuration; see the module docstring. `stage1_threads`: the
+    threads a stage 1 trained into the cache uses (`CachedStage1`)."""
     if not isinstance(config, TrialConfig):
         config = TrialConfig.from_dict(config)
-    return TrialRunner(config, on_epoch, resume_state, cache_dir).run()
+    return TrialRunner(config, on_epoch, resume_state, cache_dir, stage1_threads).run()
 
 
 if __name__ == "__main__":

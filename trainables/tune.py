@@ -72,6 +72,9 @@ class TrialRuntime:
     # Tiny epochs would otherwise spend more time saving state than training.
     checkpoint_interval_s: float = 10.0
     sweep_dir: str | None = None  # the sweep's folder: its ledger (see the module docstring)
+    # Threads for a stage 1 trained into the cache when every trial of the sweep shares it
+    # (the other trials wait for it, idle); None: the trial's own CPUs.
+    stage1_threads: int | None = None
 
 
 def epoch_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -221,7 +224,8 @@ def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> 
         report=_tune_report, make_checkpoint=make_checkpoint, trial_key=trial_key,
         resumed_from_epoch=resumed_from, backfill=[epoch_entry(m) for m in history],
     )
-    outcome = run_trial(trial, reporter.on_epoch, resume_state=resume, cache_dir=runtime.cache_dir)
+    outcome = run_trial(trial, reporter.on_epoch, resume_state=resume, cache_dir=runtime.cache_dir,
+                        stage1_threads=runtime.stage1_threads)
     reporter.finish(outcome)
 
 
