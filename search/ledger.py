@@ -14,6 +14,8 @@ with the ledger (search.book). A trial's state is decided here and nowhere else:
                      The first end written is final: a later one is ignored.
     checkpoint.pt    the trial's latest state (tensors and plain values, loaded with
                      torch.load(weights_only=True)): a retried or resumed trial continues from it.
+    rungs.json       a fused trial's member only: its value and verdict at each ASHA rung it
+                     reached, the rungs every fused member is judged against (search.rungs).
 
 Every file is written atomically (a reader sees all of it or none), so a kill at any moment
 leaves a ledger a resume can read. Everything here is parsed JSON: nothing is unpickled.
@@ -31,6 +33,7 @@ from typing import Any
 
 FOLDER = "trials"
 START, END, CHECKPOINT = "start.json", "end.json", "checkpoint.pt"
+RUNGS = "rungs.json"  # a fused member's successive-halving record (search.rungs)
 BACKFILL = "backfill"  # a result's earlier epochs (search.callbacks logs what the driver lost)
 
 
@@ -162,6 +165,26 @@ class Ledger:
 
     def keys(self) -> set[str]:
         return {entry.key for entry in self.entries()}
+
+    def rungs(self, key: str) -> dict[str, Any]:
+        """A trial's successive-halving record, by rung epoch (search.rungs); {} if none."""
+        path = self._path(key, RUNGS)
+        return _read_json(path) if path.exists() else {}
+
+    def record_rung(self, key: str, epoch: int, judged: Mapping[str, Any]) -> None:
+        """Add the judgement at rung `epoch` to the trial's record (written by the trial only)."""
+        _write_json(self._path(key, RUNGS), {**self.rungs(key), str(epoch): dict(judged)})
+
+    def rung_values(self, epoch: int) -> dict[str, float]:
+        """Every trial's value recorded at rung `epoch`, by key."""
+        if not self.folder.exists():
+            return {}
+        values = {}
+        for path in self.folder.glob(f"*/{RUNGS}"):
+            judged = _read_json(path).get(str(epoch))
+            if isinstance(judged, dict) and isinstance(judged.get("value"), int | float):
+                values[path.parent.name] = float(judged["value"])
+        return values
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
