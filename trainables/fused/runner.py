@@ -33,7 +33,7 @@ from trainables.fused.members import (
     member_hparams,
 )
 from trainables.fused.sgd import SGDGroup, StackedSGD
-from trainables.fused.stack import PREFIX, StackedModel
+from trainables.fused.stack import StackedModel
 from trainables.losses import dro_loss_unchecked, make_radii
 from trainables.models import create_model
 from trainables.pipeline import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, resolve_device
@@ -43,6 +43,9 @@ from trainables.schedules import lr_factor
 # `member` is the configuration's position in `run_trials(configs)`; `snapshot()` returns the
 # member's model state_dict, radii, history and diagnostics (a checkpoint of the member).
 FusedOnEpoch = Callable[[int, dict[str, Any], Callable[[], dict[str, Any]]], bool | None]
+# on_step(runner, info): after the backward pass, before the update (the equivalence tests'
+# probe); info has phase, epoch, step, inputs [K, B, ...], targets [K, B], losses [K].
+OnStep = Callable[["FusedRunner", dict[str, Any]], None]
 
 
 @dataclass
@@ -75,8 +78,10 @@ def _stay_diverged(losses: torch.Tensor) -> list[bool]:
 
 
 class FusedRunner:
-    def __init__(self, configs: list[TrialConfig], on_epoch: FusedOnEpoch | None = None) -> None:
+    def __init__(self, configs: list[TrialConfig], on_epoch: FusedOnEpoch | None = None,
+                 on_step: OnStep | None = None) -> None:
         check_fusable(configs)
+        self.on_step = on_step
         first = configs[0]
         self.on_epoch = on_epoch
         self.device = resolve_device(first.device)
@@ -431,6 +436,9 @@ class FusedRunner:
                 for tensor in trainable.values():
                     tensor.grad = None
                 losses.sum().backward()
+                if self.on_step is not None:
+                    self.on_step(self, {"phase": phase.name, "epoch": epoch, "step": step,
+                                        "inputs": inputs, "targets": targets, "losses": losses})
                 factor = torch.tensor(factors(epoch * steps + step), dtype=torch.float64,
                                       device=self.device)
                 self.sgd.step(trainable, phase.groups(hps, factor), momentum)
