@@ -18,6 +18,7 @@ from trainables.fused import run_trials
 from trainables.fused.runner import FusedRunner
 from trainables.fused.sgd import SGDGroup, StackedSGD
 from trainables.pipeline import PHASE_SEED_STRIDE, TrialRunner, run_trial
+from trainables.schedules import make_scheduler
 
 BASE = {"device": "cpu", "amp": False, "model": "resnet8", "batch_size": 128,
         "dro_batch_size": 128, "cls_batch_size": 128, "epochs": 1, "cls_epochs": 1,
@@ -73,7 +74,8 @@ class UnfusedProbe:
         self.loaders: dict[tuple[int, str], object] = {}
         self.iterators: dict[tuple[int, str], object] = {}
         self.specs: dict[tuple[int, str], object] = {}
-        self.checked = {"stage1": 0, "dro": 0, "classifier": 0}
+        self.optimizers: dict[tuple[int, str], tuple] = {}
+        self.checked = {"stage1": 0, "dro": 0, "classifier": 0, "updates": 0}
         self.worst_grad = 0.0
 
     def _spec(self, k: int, runner: TrialRunner, phase: str):
@@ -82,6 +84,18 @@ class UnfusedProbe:
                     "classifier": lambda: runner._classifier_spec(None)}[phase]
             self.specs[k, phase] = make()
         return self.specs[k, phase]
+
+    def _optimizer(self, k: int, runner: TrialRunner, spec, phase: str):
+        """The unfused phase's optimiser and schedule (`TrialRunner._train_phase`)."""
+        if (k, phase) not in self.optimizers:
+            optimizer = torch.optim.SGD(spec.param_groups, lr=spec.lr,
+                                        momentum=runner.config.momentum,
+                                        weight_decay=spec.weight_decay)
+            steps = len(self.loaders[k, phase])
+            scheduler = make_scheduler(optimizer, spec.schedule, spec.epochs, steps,
+                                       spec.warmup_epochs)
+            self.optimizers[k, phase] = (optimizer, scheduler)
+        return self.optimizers[k, phase]
 
     def _batch(self, k: int, runner: TrialRunner, spec, phase: str, step: int):
         key = (k, phase)
@@ -95,20 +109,36 @@ class UnfusedProbe:
             self.iterators[key] = iter(self.loaders[key])
         return next(self.iterators[key])
 
+    @staticmethod
+    def _load(runner: TrialRunner, fused: FusedRunner, k: int) -> None:
+        runner.model.load_state_dict(fused.stack.state_dict(k))
+        if fused.radii is not None:
+            if runner.radii.trainable:
+                runner.radii.raw.data.copy_(fused.radii[k].detach())
+            else:
+                assert torch.equal(runner.radii(), fused.radii[k].detach())
+
     def __call__(self, fused: FusedRunner, info: dict) -> None:
         phase = info["phase"]
         for k, member in enumerate(fused.members):
             runner = self.runners[member.index]
+            if info["step"] > 0:  # the last step's update (SGD, schedule, MaxNorm) as unfused
+                fused_state = fused.stack.state_dict(k)
+                for name, param in runner.model.named_parameters():
+                    torch.testing.assert_close(fused_state[name], param.detach(), rtol=1e-4,
+                                               atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+                self.checked["updates"] += 1
+            self._load(runner, fused, k)
+            # a phase's spec reads the trained model (MaxNorm radius, cRT re-initialisation)
             spec = self._spec(member.index, runner, phase)
+            self._load(runner, fused, k)
+            if phase == "classifier" and member.hp.maxnorm != "off":
+                assert member.diagnostics["maxnorm_radius"] == pytest.approx(
+                    runner.diagnostics["maxnorm_radius"], rel=1e-5)
             images, labels = self._batch(member.index, runner, spec, phase, info["step"])
+            optimizer, scheduler = self._optimizer(member.index, runner, spec, phase)
             torch.testing.assert_close(info["inputs"][k], images, rtol=0, atol=0)
             torch.testing.assert_close(info["targets"][k], labels, rtol=0, atol=0)
-            runner.model.load_state_dict(fused.stack.state_dict(k))
-            if fused.radii is not None:
-                if runner.radii.trainable:
-                    runner.radii.raw.data.copy_(fused.radii[k].detach())
-                else:
-                    assert torch.equal(runner.radii(), fused.radii[k].detach())
             if phase == "dro":
                 runner.centroids = fused.centroids[k]
             runner.model.train(phase != "classifier")
@@ -130,6 +160,10 @@ class UnfusedProbe:
             if runner.radii is not None and runner.radii.trainable and phase == "dro":
                 torch.testing.assert_close(fused.radii.grad[k], runner.radii.raw.grad,
                                            rtol=1e-4, atol=1e-6)
+            optimizer.step()
+            scheduler.step()
+            if spec.after_step is not None:
+                spec.after_step()
         self.checked[phase] += 1
 
 
@@ -141,6 +175,7 @@ def test_every_step_matches_the_unfused_trial(method):
     plan = configs[0].phase_plan()
     for phase, _ in plan:
         assert probe.checked[phase] >= 3, probe.checked  # every step of every phase was probed
+    assert probe.checked["updates"] >= 2 * len(plan) * len(configs)
     assert [r["status"] for r in results] == ["completed"] * len(configs)
     assert all(r["epochs_run"] == sum(e for _, e in plan) for r in results)
 
