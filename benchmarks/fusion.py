@@ -162,20 +162,24 @@ def grouped_step(k: int, device: torch.device):
 MODES = {"sequential": sequential_step, "vmap": vmap_step, "grouped": grouped_step}
 
 
-def measure(mode: str, k: int, device: torch.device, warmup: int, steps: int,
-            repeats: int) -> float:
-    step = MODES[mode](k, device)
-    rates = []
-    for _ in range(repeats):
+def measure(modes: list[str], k: int, device: torch.device, warmup: int, steps: int,
+            repeats: int) -> dict[str, float]:
+    """Median images/s of each mode; the modes take turns within each repeat, so a change of
+    machine load during the measurement hits all of them alike."""
+    runs = {mode: MODES[mode](k, device) for mode in modes}
+    for step in runs.values():
         for _ in range(warmup):
             step()
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rates.append(k * BATCH * steps / (time.perf_counter() - started))
-    return statistics.median(rates)
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode, step in runs.items():
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates[mode].append(k * BATCH * steps / (time.perf_counter() - started))
+    return {mode: statistics.median(values) for mode, values in rates.items()}
 
 
 def _load() -> str:
@@ -183,6 +187,37 @@ def _load() -> str:
         return " ".join(f"{value:.2f}" for value in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def _write(args: argparse.Namespace, rows: list, device: torch.device, load_before: str,
+           elapsed: float) -> None:
+    """Print and save the table so far (a run cut short still leaves its rows)."""
+    header = ["K", *(f"{mode} img/s" for mode in args.modes)]
+    if "sequential" in args.modes:
+        header += [f"{mode} / sequential" for mode in args.modes if mode != "sequential"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k, rates in rows:
+        cells = [str(k), *(f"{rates[mode]:.1f}" for mode in args.modes)]
+        if "sequential" in args.modes:
+            cells += [f"{rates[mode] / rates['sequential']:.2f}x"
+                      for mode in args.modes if mode != "sequential"]
+        lines.append("| " + " | ".join(cells) + " |")
+    machine = (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} logical CPUs, "
+               f"torch {torch.__version__}, {torch.get_num_threads()} threads), device "
+               f"{device}; load average (1/5/15 min) before {load_before}, after {_load()}; "
+               f"{args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats}, "
+               f"modes interleaved; took {elapsed:.0f} s")
+    table = "\n".join(lines)
+    print(table)
+    print(machine, flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            "# Fused training throughput (benchmarks/fusion.py)\n\n"
+            "Aggregate training images/s of K ResNet-32 members (batch 128 each, CIFAR-shaped "
+            "random data, 100 classes): K separate models stepped in turn (`sequential`), the "
+            "fused path of `trainables.fused` (`vmap`), and grouped convolutions (`grouped`).\n\n"
+            f"{table}\n\n{machine}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,38 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = []
     for k in args.ks:
-        rates = {mode: measure(mode, k, device, args.warmup, args.steps, args.repeats)
-                 for mode in args.modes}
+        rates = measure(args.modes, k, device, args.warmup, args.steps, args.repeats)
         rows.append((k, rates))
         cells = "  ".join(f"{mode} {rate:7.1f}" for mode, rate in rates.items())
         print(f"K={k:<3d} images/s  {cells}", flush=True)
-    header = ["K", *(f"{mode} img/s" for mode in args.modes)]
-    if "sequential" in args.modes:
-        header += [f"{mode} / sequential" for mode in args.modes if mode != "sequential"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for k, rates in rows:
-        cells = [str(k), *(f"{rates[mode]:.1f}" for mode in args.modes)]
-        if "sequential" in args.modes:
-            cells += [f"{rates[mode] / rates['sequential']:.2f}x"
-                      for mode in args.modes if mode != "sequential"]
-        lines.append("| " + " | ".join(cells) + " |")
-    elapsed = time.perf_counter() - started
-    machine = (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} logical CPUs, "
-               f"torch {torch.__version__}, {torch.get_num_threads()} threads), device "
-               f"{device}; load average (1/5/15 min) before {load_before}, after {_load()}; "
-               f"{args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats}; "
-               f"took {elapsed:.0f} s")
-    table = "\n".join(lines)
-    print(table)
-    print(machine)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            "# Fused training throughput (benchmarks/fusion.py)\n\n"
-            "Aggregate training images/s of K ResNet-32 members (batch 128 each, CIFAR-shaped "
-            "random data, 100 classes): K separate models stepped in turn (`sequential`), the "
-            "fused path of `trainables.fused` (`vmap`), and grouped convolutions (`grouped`).\n\n"
-            f"{table}\n\n{machine}\n")
+        _write(args, rows, device, load_before, time.perf_counter() - started)
     return 0
 
 
