@@ -94,9 +94,30 @@ def fusion_key(cfg: TrialConfig) -> dict[str, Any]:
     return key
 
 
-def data_options(cfg: TrialConfig) -> dict[str, Any]:
-    """`build_dataset` options, exactly as TrialRunner passes them."""
-    return {name: getattr(cfg, name) for name in _DATA_FIELDS if name != "dataset"}
+@dataclass(frozen=True)
+class SharedSettings:
+    """What every member of one fused run has in common (equal fusion keys)."""
+
+    dataset: str
+    data_options: dict[str, Any]  # `build_dataset` options, exactly as TrialRunner passes them
+    model: str | None
+    device: str
+    amp: bool
+    plan: list[tuple[str, int]]  # (phase, epochs)
+    batch_sizes: dict[str, int]  # phase -> batch size
+
+
+def shared_settings(cfg: TrialConfig) -> SharedSettings:
+    return SharedSettings(
+        dataset=cfg.dataset,
+        data_options={name: getattr(cfg, name) for name in _DATA_FIELDS if name != "dataset"},
+        model=cfg.model,
+        device=cfg.device,
+        amp=cfg.amp,
+        plan=cfg.phase_plan(),
+        batch_sizes={"stage1": cfg.batch_size, "dro": cfg.dro_batch_size,
+                     "classifier": cfg.cls_batch_size},
+    )
 
 
 def check_fusable(configs: list[TrialConfig]) -> None:

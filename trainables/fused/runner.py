@@ -29,8 +29,8 @@ from trainables.fused.members import (
     MemberHparams,
     PhaseHparams,
     check_fusable,
-    data_options,
     member_hparams,
+    shared_settings,
 )
 from trainables.fused.sgd import SGDGroup, StackedSGD
 from trainables.fused.stack import StackedModel
@@ -82,25 +82,26 @@ class FusedRunner:
                  on_step: OnStep | None = None) -> None:
         check_fusable(configs)
         self.on_step = on_step
-        first = configs[0]
+        shared = self.shared = shared_settings(configs[0])
         self.on_epoch = on_epoch
-        self.device = resolve_device(first.device)
-        self.dataset = build_dataset(first.dataset, **data_options(first))
+        self.device = resolve_device(shared.device)
+        self.dataset = build_dataset(shared.dataset, **shared.data_options)
         self.class_counts = self.dataset.class_counts
         self.num_classes = self.dataset.num_classes
-        self.autocast = first.amp and self.device.type == "cuda"
+        self.autocast = shared.amp and self.device.type == "cuda"
         in_channels = self.dataset.splits["train"].images.shape[1] if self.dataset.in_memory else 3
         models, self.members = [], []
         for index, cfg in enumerate(configs):
-            torch.manual_seed(cfg.seed)  # member k's initial weights are its unfused trial's
-            models.append(create_model(cfg.model or self.dataset.default_model,
+            hp = member_hparams(cfg)
+            torch.manual_seed(hp.seed)  # member k's initial weights are its unfused trial's
+            models.append(create_model(shared.model or self.dataset.default_model,
                                        self.num_classes, in_channels).to(self.device))
             rng = (torch.get_rng_state(),
                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-            self.members.append(Member(index, cfg, member_hparams(cfg), rng))
+            self.members.append(Member(index, cfg, hp, rng))
         self.fused_size = len(configs)
         self.stack = StackedModel(models)
-        self.plan = first.phase_plan()
+        self.plan = shared.plan
         self.has_dro = any(phase == "dro" for phase, _ in self.plan)
         self.radii: torch.Tensor | None = None  # raw [K, C]; the loss uses clamp(min=0)
         self.radii_learned: torch.Tensor | None = None
@@ -132,6 +133,9 @@ class FusedRunner:
             self._leave(list(range(len(self.members))), "completed")
         return [m.result for m in sorted(self.finished, key=lambda m: m.index)]
 
+    def _epochs(self, phase: str) -> int:
+        return dict(self.plan)[phase]
+
     # ---------------------------------------------------------------- per-member tensors
     def _values(self, read: Callable[[MemberHparams], Any], dtype=torch.float32) -> torch.Tensor:
         return torch.tensor([read(m.hp) for m in self.members], dtype=dtype, device=self.device)
@@ -141,7 +145,6 @@ class FusedRunner:
 
     # ---------------------------------------------------------------- stage 1
     def _stage1_phase(self) -> Phase:
-        cfg = self.members[0].config
 
         def losses(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             _, logits = self.stack.train_forward(images)
@@ -150,7 +153,8 @@ class FusedRunner:
         def groups(hps: list[PhaseHparams], factor: torch.Tensor) -> list[SGDGroup]:
             return [self._group(list(self.stack.params), hps, factor)]
 
-        return Phase("stage1", "stage1", cfg.epochs, cfg.batch_size, losses, groups)
+        return Phase("stage1", "stage1", self._epochs("stage1"), self.shared.batch_sizes["stage1"],
+                     losses, groups)
 
     def _group(self, names: list[str], hps: list[PhaseHparams], factor: torch.Tensor,
                active: torch.Tensor | None = None, decay: bool = True) -> SGDGroup:
@@ -170,7 +174,6 @@ class FusedRunner:
 
     # ---------------------------------------------------------------- DRO-LT
     def _dro_phase(self) -> Phase:
-        cfg = self.members[0].config
         counts = torch.tensor(self.class_counts, dtype=torch.float32, device=self.device)
 
         def losses(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -206,7 +209,8 @@ class FusedRunner:
             return [{f"ncm_{key}": report[key] for key in ("all", "many", "medium", "few")}
                     for report in reports]
 
-        return Phase("dro", "dro", cfg.dro_epochs, cfg.dro_batch_size, losses, groups,
+        return Phase("dro", "dro", self._epochs("dro"), self.shared.batch_sizes["dro"], losses,
+                     groups,
                      before_epoch=self._refresh_centroids, after_epoch=after_epoch)
 
     def _refresh_centroids(self, epoch: int) -> None:
@@ -219,9 +223,9 @@ class FusedRunner:
             self.centroids = clean
             return
         loaders = [self.dataset.loader(
-            "train", batch_size=m.config.dro_batch_size, device=self.device, augment=True,
+            "train", batch_size=self.shared.batch_sizes["dro"], device=self.device, augment=True,
             sampler="class_aware", shuffle=True,
-            seed=m.config.seed * PHASE_SEED_STRIDE + 1000 + epoch) for m in self.members]
+            seed=m.hp.seed * PHASE_SEED_STRIDE + 1000 + epoch) for m in self.members]
         sums, counts = self._centroid_sums()
         for batches in zip(*loaders, strict=True):
             images = torch.stack([images for images, _ in batches])
@@ -275,7 +279,6 @@ class FusedRunner:
         from trainables.balancing import relative_maxnorm_radius
         from trainables.class_balanced import effective_number_weights
 
-        cfg = self.members[0].config
         for k, member in enumerate(self.members):
             hp = member.hp
             if hp.maxnorm != "off" and member.diagnostics.get("maxnorm_radius") is None:
@@ -308,8 +311,8 @@ class FusedRunner:
             return [{} for _ in self.members]
 
         any_step = any(m.hp.maxnorm == "step" for m in self.members)
-        return Phase("classifier", "classifier", cfg.cls_epochs, cfg.cls_batch_size, losses,
-                     groups, features_frozen=True,
+        return Phase("classifier", "classifier", self._epochs("classifier"),
+                     self.shared.batch_sizes["classifier"], losses, groups, features_frozen=True,
                      after_step=project_step if any_step else None, after_epoch=project_epoch)
 
     def _classifier_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -395,7 +398,7 @@ class FusedRunner:
         loaders = {m.index: self.dataset.loader(
             "train", batch_size=phase.batch_size, device=self.device, augment=True,
             sampler=getattr(m.hp, phase.key).sampler, shuffle=True,
-            seed=m.config.seed * PHASE_SEED_STRIDE + index) for m in self.members}
+            seed=m.hp.seed * PHASE_SEED_STRIDE + index) for m in self.members}
         steps = max(len(next(iter(loaders.values()))), 1)
         offset = sum(epochs for _, epochs in self.plan[:index])
         check_each_step = self.device.type == "cpu"
