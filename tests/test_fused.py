@@ -287,3 +287,32 @@ def test_configurations_of_another_shape_are_not_fused():
     with pytest.raises(ConfigError, match="dro_epochs|phase_plan"):
         run_trials([TrialConfig.from_dict({**BASE, "method": "ce"}),
                     TrialConfig.from_dict({**BASE, "method": "dro_lt"})])
+
+
+def test_a_reinitialised_classifier_is_the_unfused_trials():
+    """cRT draws the new classifier from the global RNG where model initialisation left it: the
+    unfused trial draws nothing else in between (checked here), and the fused member restores
+    that state for its draw."""
+    configs = [TrialConfig.from_dict({**BASE, "method": "dro_lt", "dro_epochs": 1,
+                                      "cls_reinit": True, "seed": seed}) for seed in (3, 4)]
+    TrialRunner(configs[0])
+    after_init = torch.get_rng_state()
+    before_classifier = []
+    run_trial(configs[0], on_epoch=lambda m, snap: before_classifier.append(
+        torch.get_rng_state()) if m["phase"] != "classifier" else None)
+    assert len(before_classifier) == 2  # stage 1 and DRO epochs: nothing drew from the RNG
+    assert all(torch.equal(s, after_init) for s in before_classifier)
+    expected = []
+    for cfg in configs:
+        runner = TrialRunner(cfg)
+        runner._classifier_spec(None)
+        expected.append(runner.model.classifier.weight.detach().clone())
+    seen = {}
+
+    def first_classifier_step(fused, info):
+        if info["phase"] == "classifier" and info["step"] == 0:
+            seen.update({k: fused.stack.state_dict(k)["classifier.weight"] for k in range(2)})
+
+    FusedRunner(configs, on_step=first_classifier_step).run()
+    for k in range(2):
+        torch.testing.assert_close(seen[k], expected[k], rtol=0, atol=0)
