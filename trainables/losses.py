@@ -45,6 +45,19 @@ def dro_loss(
     _check_shapes(features, labels, centroids, radii, class_weights)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    return dro_loss_unchecked(features, labels, centroids, radii, temperature, class_weights)
+
+
+def dro_loss_unchecked(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    centroids: torch.Tensor,
+    radii: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`dro_loss` without its argument checks: no Python branch on a value, so it runs under
+    `torch.func.vmap` with a per-member temperature tensor (trainables.fused)."""
     with torch.autocast(device_type=features.device.type, enabled=False):
         z = features.float()
         mu = centroids.detach().float()[labels]  # (B, D): the centroid of each row's class

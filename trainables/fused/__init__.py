@@ -1,0 +1,57 @@
+"""Fused trials: K configurations of one shape trained as one model on one device (issue 15).
+
+    from trainables.fused import run_trials
+    results = run_trials([config_a, config_b, config_c], on_epoch=None)
+
+`run_trials` returns one result per configuration, shaped as `trainables.pipeline.run_trial`'s
+(status, history of per-epoch metrics, val / test reports, diagnostics, config), plus
+`fused: {members, position}`. The configurations must share data, model, batch sizes and phase
+plan (`members.fusion_key`); everything else is per member: seed (initial weights are the unfused
+trial's: `torch.manual_seed(seed)` before `create_model`), data order (member k's loader is seeded
+as its unfused trial's, so each step trains it on the batch its trial trains on), lr, weight
+decay, momentum, schedule, DRO lambda / combine / eps / radius variant (erm, shared, count,
+learned) / temperature / centroid pass / CE weighting / frozen classifier, classifier loss (ce,
+cb, cb_bce) and beta, MaxNorm mode and radius, cRT re-initialisation, tau-norm.
+
+`on_epoch(member, metrics, snapshot)` sees every epoch of every live member; returning True
+stops that member. A member whose loss goes non-finite (checked every step on the CPU, once per
+epoch on CUDA, as `trainables.loop.train_epoch` does) keeps its last finite weights, as its
+unfused trial does, and is finished with status "diverged"; stopped members get "stopped". Both
+leave at the epoch boundary: every stacked tensor (weights, BN statistics, momentum, radii,
+centroids) is re-sliced to the remaining members, so their compute is freed, not masked.
+
+Mechanism: stacked weights under `torch.func.vmap` (`stack.StackedModel`: `stack_module_state`
+and `functional_call` over a meta-device template), not hand-written grouped convolutions. Why:
+
+- measured on this repository's CPU machine (benchmarks/fusion.py, results in
+  benchmarks/results/fusion_cpu.md): ResNet-32, batch 128, K = 2 and 4, vmap and grouped
+  convolutions train at the same aggregate rate within the noise of a shared 2-core machine
+  (K=4: 19.2 vs 17.5 images/s; K=2: about 14 s vs 12-15 s a fused step), both ahead of K
+  separate models stepped in turn; vmap's batching rule for a convolution with batched weights
+  is itself a grouped convolution, so the kernels are the same;
+- vmap fuses any registered backbone as it is (no second, grouped definition of each
+  architecture to keep in step: option-A shortcuts, per-member classifier, torchvision models),
+  and a member's parameters keep the unfused names: `StackedModel.state_dict(k)` loads into
+  `create_model(...)`, which is what checkpoints and the equivalence tests use;
+- BatchNorm needs nothing special: with the running statistics passed in stacked, vmapped along
+  dim 0, train-mode BN updates each member's slice in place with that member's batch statistics
+  (`replace_all_batch_norm_modules_` would drop the running statistics that evaluation needs).
+
+Known cost: `F.adaptive_avg_pool2d` (the models' global pool) has no vmap batching rule for
+`as_strided_` and falls back to a slower path (a UserWarning); at K = 1 the fused step is slower
+than the plain one. `x.mean((2, 3))` in the models would remove it (models.py not changed here).
+
+Optimiser: `sgd.StackedSGD`, torch.optim.SGD's update on stacked tensors with [K] lr, weight
+decay and momentum, and per-member masks for parameters a member does not train (a frozen DRO
+classifier, fixed radii). The DRO loss runs under vmap through
+`trainables.losses.dro_loss_unchecked` (the temperature is a per-member tensor there).
+
+Not in the fused path (yet): the stage-1 cache (members train their own stage 1; fusing
+replaces the sharing), resume from a snapshot, methods with a stage-1 loss or a post-hoc step of
+their own (logit adjustment), the L2-normalised classifier (`cls_norm l2`), channels-last on
+CUDA. Every TrialConfig read is in `members.py` (for the nested-config migration).
+"""
+
+from trainables.fused.runner import FusedOnEpoch, FusedRunner, run_trials
+
+__all__ = ["FusedOnEpoch", "FusedRunner", "run_trials"]

@@ -1,0 +1,102 @@
+"""K models of one architecture as stacked tensors, called as one model under `torch.func.vmap`.
+
+Parameters and buffers are dicts of [K, ...] tensors; a meta-device copy of the architecture is
+the template `functional_call` runs them through. BatchNorm in train mode updates its running
+statistics in place; with the buffers passed in stacked (vmapped along dim 0), each member's
+slice is updated with that member's batch statistics, exactly as the unfused model does, so no
+`replace_all_batch_norm_modules_` (which would drop the running statistics) is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+
+class _FeaturesAndLogits(nn.Module):
+    """`forward` returns (features, logits): functional_call can only call `forward`."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.net.features(images)
+        return features, self.net.classifier(features)
+
+
+PREFIX = "net."
+
+
+class StackedModel:
+    def __init__(self, models: list[nn.Module]) -> None:
+        wrapped = [_FeaturesAndLogits(model) for model in models]
+        params, buffers = stack_module_state(wrapped)
+        self.params = {name: value.detach().clone().requires_grad_(True)
+                       for name, value in params.items()}
+        self.buffers = {name: value.detach().clone() for name, value in buffers.items()}
+        self.template = copy.deepcopy(wrapped[0]).to("meta")
+        self.feature_dim = models[0].feature_dim
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def _call(self, params, buffers, images):
+        return functional_call(self.template, (params, buffers), (images,))
+
+    def train_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [K, B, D], logits [K, B, C]) of stacked batches [K, B, ...], train mode."""
+        self.template.train(True)
+        return vmap(self._call)(self.params, self.buffers, images)
+
+    @torch.no_grad()
+    def eval_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval mode, no gradient; `images` [B, ...] shared by all members or [K, B, ...]."""
+        self.template.train(False)
+        in_dims = (0, 0, 0 if images.dim() == 5 else None)
+        return vmap(self._call, in_dims=in_dims)(self.params, self.buffers, images)
+
+    def classifier_names(self) -> list[str]:
+        return [name for name in self.params if name.startswith(PREFIX + "classifier.")]
+
+    def body_names(self) -> list[str]:
+        return [name for name in self.params if not name.startswith(PREFIX + "classifier.")]
+
+    @property
+    def classifier_weight(self) -> torch.Tensor:
+        return self.params[PREFIX + "classifier.weight"]
+
+    @property
+    def classifier_bias(self) -> torch.Tensor:
+        return self.params[PREFIX + "classifier.bias"]
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the members at positions `keep` (new, smaller tensors: compute is freed)."""
+        index = torch.tensor(keep, device=self.classifier_weight.device)
+        self.params = {name: value.detach().index_select(0, index).requires_grad_(True)
+                       for name, value in self.params.items()}
+        self.buffers = {name: value.index_select(0, index) for name, value in self.buffers.items()}
+
+    def member_state(self, k: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Copies of member k's parameters and buffers (stacked names)."""
+        return {
+            "params": {name: value[k].detach().clone() for name, value in self.params.items()},
+            "buffers": {name: value[k].clone() for name, value in self.buffers.items()},
+        }
+
+    @torch.no_grad()
+    def load_member_state(self, k: int, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name, value in state["params"].items():
+            self.params[name][k].copy_(value)
+        for name, value in state["buffers"].items():
+            self.buffers[name][k].copy_(value)
+
+    def state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k as the unfused model's `state_dict()` (loadable into `create_model(...)`)."""
+        state = self.member_state(k)
+        merged = {**state["params"], **state["buffers"]}
+        return {name[len(PREFIX):]: value for name, value in merged.items()}
