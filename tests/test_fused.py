@@ -17,7 +17,8 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.fused import run_trials
 from trainables.fused.runner import FusedRunner
 from trainables.fused.sgd import SGDGroup, StackedSGD
-from trainables.pipeline import PHASE_SEED_STRIDE, TrialRunner, run_trial
+from trainables.phases import PHASE_SEED_STRIDE, PHASES
+from trainables.pipeline import TrialRunner, run_trial
 from trainables.schedules import make_scheduler
 
 BASE = {"device": "cpu", "amp": False, "model": "resnet8", "batch_size": 128,
@@ -80,16 +81,14 @@ class UnfusedProbe:
 
     def _spec(self, k: int, runner: TrialRunner, phase: str):
         if (k, phase) not in self.specs:
-            make = {"stage1": runner._stage1_spec, "dro": runner._dro_spec,
-                    "classifier": lambda: runner._classifier_spec(None)}[phase]
-            self.specs[k, phase] = make()
+            self.specs[k, phase] = PHASES[phase].build(runner, None)
         return self.specs[k, phase]
 
     def _optimizer(self, k: int, runner: TrialRunner, spec, phase: str):
-        """The unfused phase's optimiser and schedule (`TrialRunner._train_phase`)."""
+        """The unfused phase's optimiser and schedule (`TrialRunner.train_phase`)."""
         if (k, phase) not in self.optimizers:
             optimizer = torch.optim.SGD(spec.param_groups, lr=spec.lr,
-                                        momentum=runner.config.momentum,
+                                        momentum=runner.config.stage1.momentum,
                                         weight_decay=spec.weight_decay)
             steps = len(self.loaders[k, phase])
             scheduler = make_scheduler(optimizer, spec.schedule, spec.epochs, steps,
@@ -104,7 +103,7 @@ class UnfusedProbe:
             self.loaders[key] = runner.dataset.loader(
                 "train", batch_size=spec.batch_size, device=runner.device, augment=True,
                 sampler=spec.sampler, shuffle=True,
-                seed=runner.config.seed * PHASE_SEED_STRIDE + index)
+                seed=runner.config.runtime.seed * PHASE_SEED_STRIDE + index)
         if step == 0:
             self.iterators[key] = iter(self.loaders[key])
         return next(self.iterators[key])
@@ -305,7 +304,7 @@ def test_a_reinitialised_classifier_is_the_unfused_trials():
     expected = []
     for cfg in configs:
         runner = TrialRunner(cfg)
-        runner._classifier_spec(None)
+        PHASES["classifier"].build(runner, None)
         expected.append(runner.model.classifier.weight.detach().clone())
     seen = {}
 

@@ -2,12 +2,12 @@
 
 `member_hparams(config)` copies a member's hyperparameters into a plain `MemberHparams`;
 `fusion_key(config)` is what members of one fused run must share (data, model, batch sizes,
-phase plan). When TrialConfig's fields move into nested sections, only this module changes.
+phase plan); `fusable(a, b)` says it of two trial configs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from trainables.config import ConfigError, TrialConfig
@@ -41,6 +41,7 @@ class MemberHparams:
     centroids: str
     ce_weighting: str
     dro_freeze_classifier: bool
+    ncm_every: int
     # classifier phase and post-hoc classifier
     classifier_mode: str  # none, retrain, tau_norm
     cls_reinit: bool
@@ -53,43 +54,43 @@ class MemberHparams:
 
 
 def member_hparams(cfg: TrialConfig) -> MemberHparams:
+    stage1, dro, cls = cfg.stage1, cfg.dro, cfg.classifier
     return MemberHparams(
-        seed=cfg.seed,
-        momentum=cfg.momentum,
-        stage1=PhaseHparams(cfg.lr, cfg.weight_decay, cfg.schedule, "instance",
-                            cfg.warmup_epochs),
-        dro=PhaseHparams(cfg.dro_lr, cfg.dro_weight_decay, cfg.dro_schedule, cfg.dro_sampler),
-        classifier=PhaseHparams(cfg.cls_lr, cfg.cls_weight_decay, cfg.cls_schedule,
-                                cfg.cls_sampler),
-        lam=cfg.lam,
-        dro_combine=cfg.dro_combine,
-        radius=cfg.radius,
-        eps=cfg.eps,
-        temperature=cfg.temperature,
-        centroids=cfg.centroids,
-        ce_weighting=cfg.ce_weighting,
-        dro_freeze_classifier=cfg.dro_freeze_classifier,
-        classifier_mode=cfg.classifier,
-        cls_reinit=cfg.cls_reinit,
-        cls_loss=cfg.cls_loss,
-        cb_beta=cfg.cb_beta,
-        maxnorm=cfg.maxnorm,
-        maxnorm_radius=cfg.maxnorm_radius,
-        maxnorm_t=cfg.maxnorm_t,
-        tau=cfg.tau,
+        seed=cfg.runtime.seed,
+        momentum=stage1.momentum,
+        stage1=PhaseHparams(stage1.lr, stage1.weight_decay, stage1.schedule, "instance",
+                            stage1.warmup_epochs),
+        dro=PhaseHparams(dro.lr, dro.weight_decay, dro.schedule, dro.sampler),
+        classifier=PhaseHparams(cls.lr, cls.weight_decay, cls.schedule, cls.sampler),
+        lam=dro.lam,
+        dro_combine=dro.combine,
+        radius=dro.radius,
+        eps=dro.eps,
+        temperature=dro.temperature,
+        centroids=dro.centroids,
+        ce_weighting=dro.ce_weighting,
+        dro_freeze_classifier=dro.freeze_classifier,
+        ncm_every=dro.ncm_every,
+        classifier_mode=cls.mode,
+        cls_reinit=cls.reinit,
+        cls_loss=cls.loss,
+        cb_beta=cls.cb_beta,
+        maxnorm=cls.maxnorm,
+        maxnorm_radius=cls.maxnorm_radius,
+        maxnorm_t=cls.maxnorm_t,
+        tau=cls.tau,
     )
 
 
-# the dataset as TrialRunner builds it, plus what fixes tensor shapes and the phase loop
-_DATA_FIELDS = ("dataset", "imbalance", "profile", "protocol", "data_dir", "download",
-                "split_seed", "n_max", "val_per_class", "image_size")
+# what fixes tensor shapes and the phase loop, beside the data section (by flat name)
 _SHAPE_FIELDS = ("model", "device", "amp", "batch_size", "dro_batch_size", "cls_batch_size",
                  "cls_norm")
 
 
 def fusion_key(cfg: TrialConfig) -> dict[str, Any]:
-    """Configurations with equal keys can be trained as one fused model."""
-    key = {name: getattr(cfg, name) for name in _DATA_FIELDS + _SHAPE_FIELDS}
+    """Configurations with equal keys can be trained as one fused model: the same data (the
+    whole data section), model, batch sizes and phase plan."""
+    key = {**asdict(cfg.data), **{name: cfg.get(name) for name in _SHAPE_FIELDS}}
     key["phase_plan"] = cfg.phase_plan()
     return key
 
@@ -108,15 +109,16 @@ class SharedSettings:
 
 
 def shared_settings(cfg: TrialConfig) -> SharedSettings:
+    data = asdict(cfg.data)
     return SharedSettings(
-        dataset=cfg.dataset,
-        data_options={name: getattr(cfg, name) for name in _DATA_FIELDS if name != "dataset"},
-        model=cfg.model,
-        device=cfg.device,
-        amp=cfg.amp,
+        dataset=data.pop("dataset"),
+        data_options=data,
+        model=cfg.stage1.model,
+        device=cfg.runtime.device,
+        amp=cfg.runtime.amp,
         plan=cfg.phase_plan(),
-        batch_sizes={"stage1": cfg.batch_size, "dro": cfg.dro_batch_size,
-                     "classifier": cfg.cls_batch_size},
+        batch_sizes={"stage1": cfg.stage1.batch_size, "dro": cfg.dro.batch_size,
+                     "classifier": cfg.classifier.batch_size},
     )
 
 
@@ -131,8 +133,8 @@ def check_fusable(configs: list[TrialConfig]) -> None:
             raise ConfigError(f"configuration {position}: method {cfg.method} has its own "
                               "stage-1 loss or post-hoc step, which the fused path does not run; "
                               "accepted: ce, dro_lt, wb, dro_wb")
-        if cfg.cls_norm != "off":
-            raise ConfigError(f"configuration {position}: cls_norm {cfg.cls_norm!r} is not "
+        if cfg.classifier.norm != "off":
+            raise ConfigError(f"configuration {position}: cls_norm {cfg.classifier.norm!r} is not "
                               "fused yet; accepted: off")
         key = fusion_key(cfg)
         differ = sorted(name for name in key if key[name] != first[name])
@@ -140,3 +142,14 @@ def check_fusable(configs: list[TrialConfig]) -> None:
             raise ConfigError(f"configuration {position} differs from configuration 0 in "
                               f"{', '.join(differ)}; fused members must share data, model, "
                               "batch sizes and phase plan")
+
+
+def fusable(first: dict[str, Any] | TrialConfig, other: dict[str, Any] | TrialConfig) -> bool:
+    """Whether two trial configurations (TrialConfig dicts or objects) can share one fused
+    model."""
+    try:
+        check_fusable([c if isinstance(c, TrialConfig) else TrialConfig.from_dict(c)
+                       for c in (first, other)])
+    except ConfigError:
+        return False
+    return True

@@ -36,7 +36,8 @@ from trainables.fused.sgd import SGDGroup, StackedSGD
 from trainables.fused.stack import StackedModel
 from trainables.losses import dro_loss_unchecked, make_radii
 from trainables.models import create_model
-from trainables.pipeline import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, resolve_device
+from trainables.phases import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, ncm_due
+from trainables.pipeline import resolve_device
 from trainables.schedules import lr_factor
 
 # on_epoch(member, metrics, snapshot) -> True to stop that member at this epoch boundary.
@@ -204,14 +205,22 @@ class FusedRunner:
                 self._group(["radii"], hps, factor, self.radii_learned, decay=False),
             ]
 
+        epochs, done = self._epochs("dro"), [0]
+
+        def before_epoch(epoch: int) -> None:
+            done[0] = epoch + 1
+            self._refresh_centroids(epoch)
+
         def after_epoch() -> list[dict[str, Any]]:
+            due = [ncm_due(done[0], epochs, m.hp.ncm_every) for m in self.members]
+            if not any(due):
+                return [{} for _ in self.members]
             reports = self._ncm_reports(self.stack, list(range(len(self.members))))
             return [{f"ncm_{key}": report[key] for key in ("all", "many", "medium", "few")}
-                    for report in reports]
+                    if member_due else {} for report, member_due in zip(reports, due, strict=True)]
 
-        return Phase("dro", "dro", self._epochs("dro"), self.shared.batch_sizes["dro"], losses,
-                     groups,
-                     before_epoch=self._refresh_centroids, after_epoch=after_epoch)
+        return Phase("dro", "dro", epochs, self.shared.batch_sizes["dro"], losses, groups,
+                     before_epoch=before_epoch, after_epoch=after_epoch)
 
     def _refresh_centroids(self, epoch: int) -> None:
         augmented = [m.hp.centroids == "augmented" for m in self.members]
