@@ -34,6 +34,7 @@ from trainables.config import TrialConfig
 
 log = logging.getLogger(__name__)
 KEY = "trial_key"  # the config entry naming a trial's ledger entry (and MLflow run)
+MEMBERS = "members"  # a fused Tune trial's config: its members' configs (search.optuna_search)
 KEY_ATTR = "tune_trial_id"  # the study trial's user attr holding the same key
 STATUS_ATTR = "tailtune_status"
 METRIC_NAME = "val_all"  # the objective (search.scheduler.METRIC)
@@ -127,6 +128,10 @@ class SweepBook:
             self.recorder.log_epoch(key, result)
             if self.report_epochs is None or result["epoch"] in self.report_epochs:
                 self._report(key, result)
+
+    def last(self, key: str) -> dict[str, Any] | None:
+        """The last result the driver saw of trial `key` (None: none in this run)."""
+        return self._last.get(key)
 
     def end(self, key: str, result: Mapping[str, Any] | None, error: str | None = None,
             failed: bool = False) -> Status:

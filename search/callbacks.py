@@ -5,6 +5,10 @@ Tune reports; the ledger decides. A trial's end reaches `SweepBook.end`, which k
 trial wrote itself (completed, diverged) or records the one the driver saw (stopped early,
 failed). A trial that failed because the disk is full is not ended: the sweep stops
 ("interrupted") so that --resume runs it again once there is space.
+
+A fused Tune trial (search.optuna_search.MEMBERS) stands for its members: each result is one
+member's (its `trial_key`), a member that ends mid-trial (diverged, stopped at a rung) says so
+with MEMBER_ENDED, and when the Tune trial ends, the members it did not end are ended with it.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Any
 from ray.tune import Callback, Stopper
 from ray.tune.result import AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, TRIAL_ID
 
-from search.book import KEY, SweepBook
-from search.ledger import Status
+from search.book import KEY, MEMBERS, SweepBook
+from search.ledger import MEMBER_ENDED, Status
 from search.trials import own_result, trial_key
 
 log = logging.getLogger(__name__)
@@ -63,16 +67,22 @@ class LedgerCallback(Callback):
 
     # ---------------------------------------------------------------- Tune's events
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.book.started(trial_key(trial), trial.config["trial"])
-        params = " ".join(f"{k}={_short(v)}" for k, v in trial.config.items()
-                          if k not in ("trial", KEY))
-        _say(f"{self._clock()} trial {trial_key(trial)} started  {params}")
+        fused = len(_members(trial)) > 1
+        for config in _members(trial):
+            key = config[KEY]
+            self.book.started(key, config["trial"])
+            params = " ".join(f"{k}={_short(v)}" for k, v in config.items()
+                              if k not in ("trial", KEY))
+            where = f" (fused in {trial_key(trial)})" if fused else ""
+            _say(f"{self._clock()} trial {key} started{where}  {params}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        key = trial_key(trial)
+        key = _result_key(trial, result)
         self._tag_placement(key, result)
         self.book.epoch(key, result)
+        if result.get(MEMBER_ENDED):
+            self._end_member(key, result, error=None)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # the worker died or raised; Tune runs the trial again, from its ledger checkpoint
@@ -101,14 +111,27 @@ class LedgerCallback(Callback):
 
     # ---------------------------------------------------------------- helpers
     def _end(self, trial: Any, error: str | None) -> None:
-        key, last = trial_key(trial), own_result(trial)
         if error is not None and any(text in error for text in DISK_FULL):
             # not the trial's fault: it stays unfinished and the sweep stops for --resume
             self.stopper.reason = error.strip().splitlines()[-1]
-            _say(f"{self._clock()} trial {key} could not write: {self.stopper.reason}")
+            _say(f"{self._clock()} trial {trial_key(trial)} could not write: "
+                 f"{self.stopper.reason}")
             return
         if self.stopper.reason is not None and error is None:
             return  # stopped with the sweep (StopAll), not ended: --resume continues it
+        last = own_result(trial)
+        if len(_members(trial)) == 1:
+            self._end_member(trial_key(trial), last, error)
+            return
+        for config in _members(trial):  # the members the fused trial did not end itself
+            key = config[KEY]
+            entry = self.book.ledger.entry(key)
+            if entry is not None and not entry.status.ended:
+                self._end_member(key, self.book.last(key) or {}, error)
+            elif entry is not None:
+                self.book.sync(key)  # ended by the trial; a kill may have cut the driver short
+
+    def _end_member(self, key: str, last: Mapping[str, Any], error: str | None) -> None:
         self._tag_placement(key, last)
         own = {name: value for name, value in last.items() if name not in TUNE_KEYS}
         status = self.book.end(key, own, error=error, failed=error is not None)
@@ -134,6 +157,19 @@ class LedgerCallback(Callback):
     def _clock(self) -> str:
         seconds = int(time.monotonic() - self._started)
         return f"[{seconds // 60:3d}m{seconds % 60:02d}s]"
+
+
+def _members(trial: Any) -> list[dict[str, Any]]:
+    """The trial configs a Tune trial trains: its fused members, or itself."""
+    config = trial.config or {}
+    return list(config[MEMBERS]) if MEMBERS in config else [{**config, KEY: trial_key(trial)}]
+
+
+def _result_key(trial: Any, result: Mapping[str, Any]) -> str:
+    """Whose result this is: a fused trial's member (its trial_key), else the trial's own."""
+    if MEMBERS in (trial.config or {}):
+        return str(result.get(KEY) or trial_key(trial))
+    return trial_key(trial)
 
 
 def log_trial_plots(client: Any, run_id: str, outcome: Mapping[str, Any]) -> None:

@@ -35,6 +35,8 @@ FOLDER = "trials"
 START, END, CHECKPOINT = "start.json", "end.json", "checkpoint.pt"
 RUNGS = "rungs.json"  # a fused member's successive-halving record (search.rungs)
 BACKFILL = "backfill"  # a result's earlier epochs (search.callbacks logs what the driver lost)
+# A fused member's last result (it ended inside a Tune trial that goes on: search.callbacks).
+MEMBER_ENDED = "member_ended"
 
 
 class Status(StrEnum):

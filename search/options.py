@@ -44,7 +44,8 @@ RESUME_FIXED = ("space", "dataset", "imbalance", "protocol", "data_dir", "profil
 # replace the saved ones (num_samples may only grow: trials already run stay in the study).
 RESUME_HONOURED = ("num_samples", "time_budget", "max_concurrent", "max_failures",
                    "checkpoint_interval", "cpus_per_trial", "gpus_per_trial", "address", "top",
-                   "plots", "download")
+                   "plots", "download", "fuse")
+FUSE_MAX = 64  # members of one fused trial (a GPU's memory, not the code, is the real limit)
 
 
 class UsageError(ValueError):
@@ -72,6 +73,7 @@ class SweepOptions:
     epochs: int | None = None
     gpus_per_trial: float | None = None
     cpus_per_trial: float = 1.0
+    fuse: int | None = None  # members per fused trial; None: search.sweep.fused_members decides
     max_failures: int = 2
     checkpoint_interval: float = 10.0
     address: str | None = None
@@ -143,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU share per trial, e.g. 0.25 packs four trials on a GPU "
                         "(default: the GPUs shared by the concurrent trials; 0 without GPUs)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="(default: 1)")
+    p.add_argument("--fuse", type=int, metavar="K",
+                   help="train K trials at a time as one fused model on one device, each still "
+                        "its own Optuna trial, MLflow run and ledger entry (default: 8 with "
+                        "GPUs, 1 without)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="times a trial whose worker died or raised is run again from its last "
                         "checkpoint (default: 2)")
@@ -222,6 +228,8 @@ def check_values(options: SweepOptions) -> None:
                              f"accepted: {', '.join(sorted(MODELS))}")
     _at_least("--num-samples", options.num_samples, 1)
     _at_least("--max-concurrent", options.max_concurrent, 1)
+    if options.fuse is not None and not 1 <= options.fuse <= FUSE_MAX:
+        raise UsageError(f"--fuse must be an integer in [1, {FUSE_MAX}]; got {options.fuse}")
     _at_least("--epochs", options.epochs, 1)
     _at_least("--grace-period", options.grace_period, 1)
     _at_least("--max-failures", options.max_failures, 0)

@@ -6,6 +6,12 @@ resumed sweep is a fresh Tuner whose searcher first re-issues what the ledger sa
 from their checkpoints) and only then asks Optuna for new ones, until the ledger holds
 num_samples trials. Nothing of an earlier driver is unpickled: the searcher keeps no state of
 its own (`save` writes nothing), the ledger and the study are the state.
+
+Fused (`fuse` > 1): each Tune trial is a group, `{"members": [K member configs], trial_key}`,
+that trainables.tune trains as one fused model. Every member is asked, recorded and re-issued
+exactly as an unfused trial is (its own Optuna trial and ledger entry, key `<group>-<i>`); a
+member that cannot share a fused model with the group's first (another shape: model, batch
+sizes, phase plan) waits for the next group.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import optuna
 from ray.tune.search import Searcher
 
-from search.book import SweepBook
+from search.book import KEY, MEMBERS, SweepBook
+from trainables.fused.members import fusable
 
 # TPE's own default is 10 random trials before it models anything: a default 8-trial sweep would
 # be pure random search. A third of the budget (at least 2, at most 10) explores at random.
@@ -21,22 +28,43 @@ MAX_STARTUP_TRIALS = 10
 
 
 class LedgerSearch(Searcher):
-    def __init__(self, book: SweepBook, num_samples: int, metric: str, mode: str) -> None:
+    def __init__(self, book: SweepBook, num_samples: int, metric: str, mode: str,
+                 fuse: int = 1) -> None:
         super().__init__(metric=metric, mode=mode)
         self.book = book
         self.num_samples = num_samples
+        self.fuse = fuse
         self._reissue = book.to_reissue()
+        self._waiting: list[dict] = []  # members asked for a group they could not join
 
     def trials_left(self) -> int:
-        """Tune trials this searcher will still hand out: re-issued ones, then new ones."""
-        return len(self._reissue) + max(0, self.num_samples - self.book.asked())
+        """Trials (members, when fused) this searcher will still hand out."""
+        return (len(self._waiting) + len(self._reissue)
+                + max(0, self.num_samples - self.book.asked()))
 
     def suggest(self, trial_id: str) -> dict | None:
+        if self.fuse == 1:
+            return self._next(trial_id) or Searcher.FINISHED
+        members: list[dict] = []
+        while len(members) < self.fuse:
+            member = self._next(f"{trial_id}-{len(members)}")
+            if member is None:
+                break
+            if members and not fusable(members[0]["trial"], member["trial"]):
+                self._waiting.append(member)  # the next group starts with it
+                break
+            members.append(member)
+        return {MEMBERS: members, KEY: trial_id} if members else Searcher.FINISHED
+
+    def _next(self, key: str) -> dict | None:
+        """The next trial's config: one waiting for a group, re-issued, or new; None: done."""
+        if self._waiting:
+            return self._waiting.pop(0)
         if self._reissue:
-            return self.book.reissue(trial_id, self._reissue.pop(0))
+            return self.book.reissue(key, self._reissue.pop(0))
         if self.book.asked() >= self.num_samples:
-            return Searcher.FINISHED
-        return self.book.ask(trial_id)
+            return None
+        return self.book.ask(key)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:

@@ -16,8 +16,9 @@ from search.ledger import Ledger
 from search.options import SWEEP_FILE, SweepOptions, UsageError
 from search.scheduler import plan_rungs
 from spaces import Space, fixed_settings, get_space
-from trainables.config import TrialConfig
+from trainables.config import ConfigError, TrialConfig
 from trainables.data import build_dataset
+from trainables.fused.members import check_fusable
 
 TUNE_FOLDER = "tune"
 LOCK_FILE = ".driver.lock"
@@ -32,6 +33,7 @@ class SweepPlan:
     rung_offset: int
     rungs: list[int]
     dataset: dict[str, Any]  # the dataset's description (sizes, imbalance, protocol)
+    fusable: bool = True  # whether the space's trials can be fused (trainables.fused)
 
     @property
     def sweep_dir(self) -> Path:
@@ -95,7 +97,17 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
                           total_epochs=config.total_epochs,
                           grace_period=options.grace_period,
                           reduction_factor=options.reduction_factor)
-    return SweepPlan(options, space, fixed, config.total_epochs, rung_offset, rungs, description)
+    try:
+        check_fusable([config])
+        fusable = True
+    except ConfigError as exc:
+        if options.fuse is not None and options.fuse > 1:
+            why = str(exc).split(": ", 1)[-1]
+            raise UsageError(f"--fuse {options.fuse}: the trials of space {space.name} cannot "
+                             f"be fused ({why}); accepted: --fuse 1") from None
+        fusable = False
+    return SweepPlan(options, space, fixed, config.total_epochs, rung_offset, rungs, description,
+                     fusable)
 
 
 # ---------------------------------------------------------------- one driver per sweep

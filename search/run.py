@@ -120,7 +120,7 @@ def _run(options, plan, claim) -> int:
 
     try:
         try:
-            resources = fit_resources(options, cluster)
+            resources = fit_resources(options, cluster, fusable=plan.fusable)
         except UsageError as exc:
             claim.abandon()
             return _fail(exc)

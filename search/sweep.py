@@ -93,14 +93,19 @@ def build_tuner(plan: SweepPlan, resources: Any, book: SweepBook, stopper: StopA
                            rung_offset=plan.rung_offset,
                            checkpoint_interval_s=options.checkpoint_interval,
                            sweep_dir=str(plan.sweep_dir),
-                           stage1_threads=_shared_stage1_threads(plan, resources))
+                           stage1_threads=_shared_stage1_threads(plan, resources),
+                           # a fused trial's members are judged one by one (search.rungs)
+                           rungs=tuple(plan.rungs) if resources.fuse > 1 else (),
+                           reduction_factor=options.reduction_factor)
     trainable = tune.with_resources(tune.with_parameters(train_trial, runtime=runtime),
                                     {"cpu": resources.cpus, "gpu": resources.gpus})
-    scheduler = make_scheduler(options.scheduler, rung_offset=plan.rung_offset,
+    scheduler = make_scheduler("none" if resources.fuse > 1 else options.scheduler,
+                               rung_offset=plan.rung_offset,
                                total_epochs=plan.total_epochs,
                                grace_period=options.grace_period,
                                reduction_factor=options.reduction_factor)
-    searcher = LedgerSearch(book, options.num_samples, metric=METRIC, mode=MODE)
+    searcher = LedgerSearch(book, options.num_samples, metric=METRIC, mode=MODE,
+                            fuse=resources.fuse)
     callbacks = [
         LedgerCallback(book, options.num_samples, stopper),
         # Tune's JSON and CSV results (for a look at Tune's own view), not its TensorBoard

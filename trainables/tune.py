@@ -33,6 +33,7 @@ can log epochs it lost (a driver killed outright loses the epochs it had not wri
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -50,8 +51,11 @@ import ray
 import torch
 from ray import tune
 
-from search.ledger import BACKFILL, Ledger, Status
+from search.book import KEY, MEMBERS
+from search.ledger import BACKFILL, MEMBER_ENDED, Ledger, Status
+from search.rungs import RungBook
 from trainables.config import TrialConfig
+from trainables.fused import run_trials
 from trainables.pipeline import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
@@ -75,6 +79,10 @@ class TrialRuntime:
     # Threads for a stage 1 trained into the cache when every trial of the sweep shares it
     # (the other trials wait for it, idle); None: the trial's own CPUs.
     stage1_threads: int | None = None
+    # Fused trials: ASHA's rungs (global epochs) and reduction factor, applied to each member
+    # (search.rungs); empty: no early stopping. Unfused trials are judged by Tune's ASHA.
+    rungs: tuple[int, ...] = ()
+    reduction_factor: float = 2.0
 
 
 def epoch_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,7 +103,7 @@ class EpochReporter:
     def __init__(self, total_epochs: int, runtime: TrialRuntime, node_id: str,
                  report: Callable[..., None], make_checkpoint: Callable[[Path], Any],
                  trial_key: str = "", resumed_from_epoch: int = 0,
-                 backfill: list[dict[str, Any]] | None = None) -> None:
+                 backfill: list[dict[str, Any]] | None = None, member: bool = False) -> None:
         self.total_epochs = total_epochs
         self.runtime = runtime
         self.node_id = node_id
@@ -105,6 +113,8 @@ class EpochReporter:
         self._backfill = backfill or None  # sent with the first report, then dropped
         self._make_checkpoint = make_checkpoint
         self.pending: dict[str, Any] | None = None  # the last epoch, reported by finish()
+        # a fused member: its end is a result of a Tune trial that goes on (MEMBER_ENDED)
+        self.ended = {MEMBER_ENDED: True} if member else {}
         self._started = self._last_checkpoint = time.monotonic()
 
     def on_epoch(self, metrics: dict[str, Any], snapshot: Callable[[], dict[str, Any]]) -> None:
@@ -147,12 +157,19 @@ class EpochReporter:
                         ("status", "val", "test", "class_counts", "diagnostics", "config",
                          "protocol", "device", "epochs_run")},
         }
+        self._end(final, outcome["history"])
+
+    def stop(self, metrics: Mapping[str, Any], history: list[dict[str, Any]]) -> None:
+        """A fused member stopped at a rung (search.rungs): its end, stopped early, is this
+        epoch's result."""
+        self._end(self._result(metrics), history)
+
+    def _end(self, last: dict[str, Any], history: list[dict[str, Any]]) -> None:
         if self.runtime.sweep_dir is not None and self.identity["trial_key"]:
             # before the report: a driver killed right after it still finds the trial's end
-            Ledger(self.runtime.sweep_dir).end(
-                self.identity["trial_key"], final,
-                history=[epoch_entry(m) for m in outcome["history"]])
-        self._report(final)
+            Ledger(self.runtime.sweep_dir).end(self.identity["trial_key"], last,
+                                               history=[epoch_entry(m) for m in history])
+        self._report({**last, **self.ended})
 
     def _result(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         result = epoch_entry(metrics)
@@ -202,6 +219,8 @@ def replay_record(record: Mapping[str, Any], report: Callable[..., None]) -> Non
 def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> None:
     """Ray Tune function trainable: one pipeline run for `config["trial"]` (a TrialConfig dict)."""
     runtime = runtime or TrialRuntime()
+    if MEMBERS in config:
+        return train_fused(config, runtime)
     context = tune.get_context()
     trial_key = str(config.get("trial_key") or context.get_trial_id())
     ledger = Ledger(runtime.sweep_dir) if runtime.sweep_dir else None
@@ -227,6 +246,51 @@ def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> 
     outcome = run_trial(trial, reporter.on_epoch, resume_state=resume, cache_dir=runtime.cache_dir,
                         stage1_threads=runtime.stage1_threads)
     reporter.finish(outcome)
+
+
+def train_fused(config: dict[str, Any], runtime: TrialRuntime) -> None:
+    """A fused Tune trial: its members (`config["members"]`, search.optuna_search) trained as
+    one model by trainables.fused.run_trials. Each member reports its own epochs, writes its own
+    end to the ledger and is judged at ASHA's rungs on its own (search.rungs); a member that
+    ended before (a retried trial) reports that end again and is not trained.
+
+    Fused members keep no checkpoints: a retried or resumed member trains again from its first
+    epoch (its ended members, never)."""
+    ledger = Ledger(runtime.sweep_dir)
+    live = []
+    for member in config[MEMBERS]:
+        record = ledger.ended(member[KEY])
+        if record is None:
+            live.append(member)
+        else:
+            tune.report({**record["result"], KEY: member[KEY], MEMBER_ENDED: True,
+                         BACKFILL: record.get("history") or []})
+    if not live:
+        return
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    trials = [TrialConfig.from_dict(member["trial"]) for member in live]
+    quiet = dataclasses.replace(runtime, checkpoint_interval_s=math.inf)
+    node = ray.get_runtime_context().get_node_id()
+    reporters = [EpochReporter(trial.total_epochs, quiet, node, report=_tune_report,
+                               make_checkpoint=_no_checkpoint, trial_key=member[KEY],
+                               member=True)
+                 for trial, member in zip(trials, live, strict=True)]
+    rungs = RungBook(ledger, runtime.rungs, runtime.reduction_factor)
+
+    def on_epoch(k: int, metrics: dict[str, Any], snapshot: Callable[[], dict]) -> bool:
+        last = metrics["epoch"] >= trials[k].total_epochs or bool(metrics.get("diverged"))
+        if not last and rungs.judge(live[k][KEY], int(metrics["epoch"]), metrics["val_all"]):
+            reporters[k].stop(metrics, snapshot()["history"])
+            return True  # it leaves the fused model at this epoch's end
+        reporters[k].on_epoch(metrics, snapshot)
+        return False
+
+    def on_leave(k: int, outcome: dict[str, Any]) -> None:
+        if outcome["status"] in ("completed", "diverged"):  # a stopped one ended at its rung
+            reporters[k].finish(outcome)
+
+    run_trials(trials, on_epoch=on_epoch, on_leave=on_leave)
 
 
 def _tune_report(result: dict[str, Any], checkpoint: Any = None) -> None:

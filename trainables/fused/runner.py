@@ -47,6 +47,9 @@ FusedOnEpoch = Callable[[int, dict[str, Any], Callable[[], dict[str, Any]]], boo
 # on_step(runner, info): after the backward pass, before the update (the equivalence tests'
 # probe); info has phase, epoch, step, inputs [K, B, ...], targets [K, B], losses [K].
 OnStep = Callable[["FusedRunner", dict[str, Any]], None]
+# on_leave(member, result): the member's final result (run_trial's shape), the moment it leaves
+# the fused model (completed, diverged or stopped), not when the whole run ends.
+OnLeave = Callable[[int, dict[str, Any]], None]
 
 
 @dataclass
@@ -80,9 +83,10 @@ def _stay_diverged(losses: torch.Tensor) -> list[bool]:
 
 class FusedRunner:
     def __init__(self, configs: list[TrialConfig], on_epoch: FusedOnEpoch | None = None,
-                 on_step: OnStep | None = None) -> None:
+                 on_step: OnStep | None = None, on_leave: OnLeave | None = None) -> None:
         check_fusable(configs)
         self.on_step = on_step
+        self.on_leave = on_leave
         shared = self.shared = shared_settings(configs[0])
         self.on_epoch = on_epoch
         self.device = resolve_device(shared.device)
@@ -561,6 +565,8 @@ class FusedRunner:
                 "fused": {"members": self.fused_size, "position": member.index},
             }
             self.finished.append(member)
+            if self.on_leave is not None:
+                self.on_leave(member.index, member.result)
 
     def _select(self, keep: list[int]) -> None:
         """Re-slice every stacked tensor to the members at `keep`: the others' compute is freed."""
@@ -622,8 +628,9 @@ def _ncm_from_history(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def run_trials(configs: list[dict[str, Any] | TrialConfig],
-               on_epoch: FusedOnEpoch | None = None) -> list[dict[str, Any]]:
+               on_epoch: FusedOnEpoch | None = None,
+               on_leave: OnLeave | None = None) -> list[dict[str, Any]]:
     """Train K configurations as one fused model; one result per configuration, in order,
     each shaped as `trainables.pipeline.run_trial`'s (plus `fused`: size and position)."""
     parsed = [c if isinstance(c, TrialConfig) else TrialConfig.from_dict(c) for c in configs]
-    return FusedRunner(parsed, on_epoch).run()
+    return FusedRunner(parsed, on_epoch, on_leave=on_leave).run()
