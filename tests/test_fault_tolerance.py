@@ -134,15 +134,15 @@ def _assert_exact(storage: Path, name: str, num_samples: int, epochs: int) -> se
 
 def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: int = 12,
                           when: Callable[[Path, str], object] | None = None,
-                          group: bool = True) -> dict:
-    """Start a sweep, send `sig` to its whole process group (or, not `group`, to the driver
-    alone) once `when(storage, name)` holds (default: a trial has ended), resume. Returns what
-    the test needs to check; prints the resume's cost."""
+                          group: bool = True, extra: tuple[str, ...] = ()) -> dict:
+    """Start a sweep (with `extra` options), send `sig` to its whole process group (or, not
+    `group`, to the driver alone) once `when(storage, name)` holds (default: a trial has
+    ended), resume. Returns what the test needs to check; prints the resume's cost."""
     storage, name, marker = tmp_path / "runs", f"ft-{sig}", uuid.uuid4().hex
     first_log = tmp_path / "first.log"
     proc = _start(_command(storage, name, "--space", "ce", "--epochs", str(epochs),
                            "--num-samples", str(samples), "--max-concurrent", "2",
-                           "--scheduler", "none", "--checkpoint-interval", "0"),
+                           "--scheduler", "none", "--checkpoint-interval", "0", *extra),
                   first_log, marker)
     try:
         # A fine poll for a given moment: some last a fraction of a second.
@@ -350,9 +350,15 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_in_the_same_run(tmp_path
 
 
 # ---------------------------------------------------------------- the driver dies
+# Fused: 3 trials as a group of 2 members and a group of 1 (search.optuna_search)
+FUSED = pytest.param(("--fuse", "2"), id="fused")
+
+
 @pytest.mark.slow
-def test_a_sweep_killed_with_sigkill_resumes_to_exact_counts(tmp_path: Path) -> None:
-    run = _interrupt_and_resume(tmp_path, signal.SIGKILL)
+@pytest.mark.parametrize("extra", [pytest.param((), id="unfused"), FUSED])
+def test_a_sweep_killed_with_sigkill_resumes_to_exact_counts(tmp_path: Path,
+                                                              extra: tuple[str, ...]) -> None:
+    run = _interrupt_and_resume(tmp_path, signal.SIGKILL, extra=extra)
     assert run["first_code"] == -signal.SIGKILL
     assert run["leftovers"] == []  # the local Ray the driver started died with it
     _assert_resumed_without_loss(run)
@@ -381,8 +387,10 @@ def test_a_sweep_killed_before_tunes_first_snapshot_resumes_to_exact_counts(
 
 
 @pytest.mark.slow
-def test_a_sweep_interrupted_with_sigint_says_how_to_resume_and_resumes(tmp_path: Path) -> None:
-    run = _interrupt_and_resume(tmp_path, signal.SIGINT)
+@pytest.mark.parametrize("extra", [pytest.param((), id="unfused"), FUSED])
+def test_a_sweep_interrupted_with_sigint_says_how_to_resume_and_resumes(
+        tmp_path: Path, extra: tuple[str, ...]) -> None:
+    run = _interrupt_and_resume(tmp_path, signal.SIGINT, extra=extra)
     assert run["first_code"] == 1, run["first_out"][-4000:]
     last = run["first_out"].strip().splitlines()[-1]
     assert last == (f"Sweep interrupted: continue it with: python search/run.py --resume "
