@@ -49,9 +49,11 @@ classifier, fixed radii). The DRO loss runs under vmap through
 Not in the fused path (yet): the stage-1 cache (members train their own stage 1; fusing
 replaces the sharing), resume from a snapshot, methods with a stage-1 loss or a post-hoc step of
 their own (logit adjustment), the L2-normalised classifier (`cls_norm l2`), channels-last on
-CUDA. Every TrialConfig read is in `members.py` (for the nested-config migration).
+CUDA. Every TrialConfig read is in `members.py`. In a sweep (`--fuse K`), trainables.tune
+trains a fused Tune trial's members with `on_epoch` (ASHA per member: search.rungs) and
+`on_leave` (each member's end in the ledger the moment it leaves).
 """
 
-from trainables.fused.runner import FusedOnEpoch, FusedRunner, run_trials
+from trainables.fused.runner import FusedOnEpoch, FusedRunner, OnLeave, run_trials
 
-__all__ = ["FusedOnEpoch", "FusedRunner", "run_trials"]
+__all__ = ["FusedOnEpoch", "FusedRunner", "OnLeave", "run_trials"]
