@@ -233,7 +233,7 @@ class TrialRunner:
                 },
                 "maxnorm_radius": self.diagnostics.get("maxnorm_radius"),
                 "ncm_stage1": self.diagnostics.get("ncm_stage1"),
-                "ncm_val": _ncm_from_history(self.history),
+                "ncm_val": ncm_from_history(self.history),
             },
             "config": self.config.to_dict(),
             "device": self.device.type,
@@ -355,7 +355,8 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _ncm_from_history(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+def ncm_from_history(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last nearest-class-mean report of a trial's epochs (None: no DRO phase)."""
     rows = [m for m in history if "ncm_all" in m]
     if not rows:
         return None

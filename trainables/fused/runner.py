@@ -37,7 +37,7 @@ from trainables.fused.stack import StackedModel
 from trainables.losses import dro_loss_unchecked, make_radii
 from trainables.models import create_model
 from trainables.phases import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, ncm_due
-from trainables.pipeline import resolve_device
+from trainables.pipeline import ncm_from_history, resolve_device
 from trainables.schedules import lr_factor
 
 # on_epoch(member, metrics, snapshot) -> True to stop that member at this epoch boundary.
@@ -558,7 +558,7 @@ class FusedRunner:
                     },
                     "maxnorm_radius": member.diagnostics.get("maxnorm_radius"),
                     "ncm_stage1": member.diagnostics.get("ncm_stage1"),
-                    "ncm_val": _ncm_from_history(member.history),
+                    "ncm_val": ncm_from_history(member.history),
                 },
                 "config": member.config.to_dict(),
                 "device": self.device.type,
@@ -617,14 +617,6 @@ def _cb_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().norm(dim=2).cpu()
-
-
-def _ncm_from_history(history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    rows = [m for m in history if "ncm_all" in m]
-    if not rows:
-        return None
-    last = rows[-1]
-    return {key: last[f"ncm_{key}"] for key in ("all", "many", "medium", "few")}
 
 
 def run_trials(configs: list[dict[str, Any] | TrialConfig],
