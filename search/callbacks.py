@@ -86,9 +86,9 @@ class LedgerCallback(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # the worker died or raised; Tune runs the trial again, from its ledger checkpoint
-        key = trial_key(trial)
-        self.book.recorder.set_tag(key, "retries", trial.num_failures)
-        _say(f"{self._clock()} trial {key} failed (attempt {trial.num_failures}); "
+        for config in _members(trial):
+            self.book.recorder.set_tag(config[KEY], "retries", trial.num_failures)
+        _say(f"{self._clock()} trial {trial_key(trial)} failed (attempt {trial.num_failures}); "
              "retrying from its last checkpoint")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -120,7 +120,7 @@ class LedgerCallback(Callback):
         if self.stopper.reason is not None and error is None:
             return  # stopped with the sweep (StopAll), not ended: --resume continues it
         last = own_result(trial)
-        if len(_members(trial)) == 1:
+        if MEMBERS not in (trial.config or {}):
             self._end_member(trial_key(trial), last, error)
             return
         for config in _members(trial):  # the members the fused trial did not end itself

@@ -199,7 +199,9 @@ def fit_resources(options: SweepOptions, cluster: dict[str, float],
                          f"the Ray cluster; accepted: up to {cluster_gpus:g}")
     auto = GPU_FUSE if fusable and gpus is None and cluster_gpus else 1
     fuse = options.fuse or auto
-    wanted = options.max_concurrent or min(math.ceil(options.num_samples / fuse), by_cpu)
+    # fused or not, a trial per CPU: fused groups that fall apart (members of another shape,
+    # or that cannot be fused) become more, smaller Tune trials
+    wanted = options.max_concurrent or min(options.num_samples, by_cpu)
     if gpus is None:  # share the cluster's GPUs between the concurrent trials
         gpus = 0.0 if cluster_gpus == 0 else min(1.0, cluster_gpus / wanted)
         gpus = math.floor(gpus * 100) / 100  # Ray takes GPU shares in hundredths

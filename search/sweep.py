@@ -295,7 +295,10 @@ def is_disk_full(exc: BaseException) -> bool:
 def _one_line(exc: BaseException) -> str:
     if is_disk_full(exc):
         return "the disk is full (No space left on device)"
-    return f"{type(exc).__name__}: {first_line(exc)[:200]}"
+    text = first_line(exc)
+    if text.startswith("Traceback"):  # Tune wraps a driver-side error in its whole trace
+        text = last_line(str(exc))
+    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def first_line(exc: BaseException) -> str:

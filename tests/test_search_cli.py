@@ -150,7 +150,6 @@ def test_default_resources_fall_back_to_the_cpu_and_share_gpus() -> None:
 def test_trials_are_fused_by_default_only_where_they_share_gpus() -> None:
     gpu = {"CPU": 16.0, "GPU": 1.0}
     assert fit_resources(_options(num_samples=16), gpu).fuse == 8  # 2 trials of 8 members
-    assert fit_resources(_options(num_samples=16), gpu).max_concurrent == 2
     assert fit_resources(_options(num_samples=16), gpu, fusable=False).fuse == 1
     assert fit_resources(_options(gpus_per_trial=0.25), gpu).fuse == 1  # packing asked for
     assert fit_resources(_options(), {"CPU": 2.0}).fuse == 1

@@ -238,14 +238,31 @@ def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> 
         make_checkpoint = partial(save_checkpoint, path=checkpoint)
     history = (resume or {}).get("history") or []
     resumed_from = int(history[-1]["epoch"]) if history else 0
+    rungs = RungBook(ledger, runtime.rungs, runtime.reduction_factor) if ledger else None
     reporter = EpochReporter(
         trial.total_epochs, runtime, ray.get_runtime_context().get_node_id(),
         report=_tune_report, make_checkpoint=make_checkpoint, trial_key=trial_key,
         resumed_from_epoch=resumed_from, backfill=[epoch_entry(m) for m in history],
     )
-    outcome = run_trial(trial, reporter.on_epoch, resume_state=resume, cache_dir=runtime.cache_dir,
-                        stage1_threads=runtime.stage1_threads)
+    def on_epoch(metrics: dict[str, Any], snapshot: Callable[[], dict[str, Any]]) -> None:
+        # a trial a fused sweep could not fuse is judged at the members' rungs (search.rungs)
+        last = metrics["epoch"] >= trial.total_epochs or bool(metrics.get("diverged"))
+        if rungs is not None and not last and not metrics.get("replayed") and rungs.judge(
+                trial_key, int(metrics["epoch"]), metrics["val_all"]):
+            reporter.stop(metrics, snapshot()["history"])
+            raise _StoppedAtRung
+        reporter.on_epoch(metrics, snapshot)
+
+    try:
+        outcome = run_trial(trial, on_epoch, resume_state=resume, cache_dir=runtime.cache_dir,
+                            stage1_threads=runtime.stage1_threads)
+    except _StoppedAtRung:
+        return  # its end (stopped early) is in the ledger and reported
     reporter.finish(outcome)
+
+
+class _StoppedAtRung(Exception):
+    """Ends a trial's pipeline at the rung that stopped it."""
 
 
 def train_fused(config: dict[str, Any], runtime: TrialRuntime) -> None:
