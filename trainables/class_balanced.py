@@ -79,14 +79,19 @@ class ClassBalancedLoss(nn.Module):
                 # total weight (not by N) keeps the loss scale comparable to plain CE whatever the
                 # batch's class mix, so the stage-2 lr / weight-decay balance is not skewed.
                 return F.cross_entropy(logits, targets, weight=self.weights)
-            probs = logits.softmax(dim=1)
-            one_hot = F.one_hot(targets, logits.shape[1]).to(probs.dtype)
-            # (N, 1) weight broadcast over the row, plain mean over N * C, as the authors' code
-            sample_weight = self.weights[targets].unsqueeze(1)
-            return F.binary_cross_entropy(probs, one_hot, weight=sample_weight)
+            return cb_bce(logits, targets, self.weights)
 
     def extra_repr(self) -> str:
         return f"form={self.form!r}, beta={self.beta}"
+
+
+def cb_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The authors' "bce" form on (N, C) logits with per-class `weights` (no checks: the fused
+    path vmaps it over members)."""
+    probs = logits.softmax(dim=1)
+    one_hot = F.one_hot(targets, logits.shape[1]).to(probs.dtype)
+    # (N, 1) weight broadcast over the row, plain mean over N * C, as the authors' code
+    return F.binary_cross_entropy(probs, one_hot, weight=weights[targets].unsqueeze(1))
 
 
 def make_classifier_loss(name: str, class_counts: Sequence[int] | torch.Tensor,

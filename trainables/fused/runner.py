@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
+from trainables.balancing import relative_maxnorm_radius
+from trainables.centroids import nearest_class_mean_predictions
+from trainables.class_balanced import cb_bce, effective_number_weights
 from trainables.config import TrialConfig
 from trainables.data import build_dataset
 from trainables.evaluation import accuracy_report
@@ -278,8 +281,6 @@ class FusedRunner:
 
         `positions` are the members' positions in the live stack: the clean centroids made here
         are kept for the next epoch's DRO step only when `stack` is the live stack."""
-        from trainables.centroids import nearest_class_mean_predictions
-
         centroids = self._clean_centroids(stack)
         if stack is self.stack:
             self._fresh_clean = centroids
@@ -289,9 +290,6 @@ class FusedRunner:
 
     # ---------------------------------------------------------------- classifier
     def _classifier_phase(self) -> Phase:
-        from trainables.balancing import relative_maxnorm_radius
-        from trainables.class_balanced import effective_number_weights
-
         for k, member in enumerate(self.members):
             hp = member.hp
             if hp.maxnorm != "off" and member.diagnostics.get("maxnorm_radius") is None:
@@ -338,7 +336,7 @@ class FusedRunner:
                 values = vmap(lambda lo, y, w: F.cross_entropy(lo, y, weight=w))(
                     logits, labels, self._cls_weights)
             else:  # cb_bce, trainables.class_balanced.ClassBalancedLoss form "bce"
-                values = vmap(_cb_bce)(logits, labels, self._cls_weights)
+                values = vmap(cb_bce)(logits, labels, self._cls_weights)
             if len(set(forms)) == 1:
                 return values
             mask = torch.tensor([f == form for f in forms], device=logits.device)
@@ -607,12 +605,6 @@ class FusedRunner:
         predictions, labels, _ = self._predict(stack, split)
         return [accuracy_report(predictions[j], labels, self.class_counts)
                 for j in range(stack.size)]
-
-
-def _cb_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    probs = logits.softmax(dim=1)
-    one_hot = F.one_hot(targets, logits.shape[1]).to(probs.dtype)
-    return F.binary_cross_entropy(probs, one_hot, weight=weights[targets].unsqueeze(1))
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
