@@ -59,7 +59,10 @@ class LedgerCallback(Callback):
         self._placement: dict[str, dict[str, Any]] = {}
         self._started = self._last_line = time.monotonic()
         ended = [e for e in book.ledger.entries() if e.status.ended]
-        self._ended = len(ended)  # a resumed sweep counts the trials that ended before
+        # the trials counted as ended: a resumed sweep's earlier ones, then each once (a retried
+        # fused trial reports its members' ends again)
+        self._counted = {e.key for e in ended}
+        self._ended = len(ended)
         self._best = max((e.value for e in ended if e.value is not None), default=None)
 
     def __getstate__(self) -> dict:
@@ -135,6 +138,9 @@ class LedgerCallback(Callback):
         self._tag_placement(key, last)
         own = {name: value for name, value in last.items() if name not in TUNE_KEYS}
         status = self.book.end(key, own, error=error, failed=error is not None)
+        if key in self._counted:
+            return  # its end was counted and shown already; book.end only synced it
+        self._counted.add(key)
         self._ended += 1
         entry = self.book.ledger.entry(key)
         if entry is not None and entry.value is not None:
