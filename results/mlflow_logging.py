@@ -30,9 +30,10 @@ Schema (what results/leaderboard.py and users can rely on):
   Metrics per epoch, step = epoch (1-based, global over phases): val_all, val_many, val_medium,
     val_few, train_loss, lr, images_per_second, epoch_seconds, train_seconds, trial_seconds
     (since the trial process started it, data loading included), ncm_* (the nearest-class-mean
-    accuracy of the features, DRO phase). Epochs replayed from the stage-1 cache are logged
-    too, without the timing metrics (REPLAY_OMITTED: this trial did not train them), so every
-    trial has the same accuracy steps. Each step is logged once: epochs
+    accuracy of the features, DRO phase), fused_members (a fused trial's members that trained
+    this epoch together: epoch_seconds is theirs together). Epochs replayed from the stage-1
+    cache are logged too, without the timing metrics (REPLAY_OMITTED: this trial did not train
+    them), so every trial has the same accuracy steps. Each step is logged once: epochs
     a retried or resumed trial trains again are not logged again.
   Final metrics (step = epochs run): val_all, val_many, val_medium, val_few, test_all,
     test_many, test_medium, test_few, epochs_run. A Many/Medium/Few group without classes has
@@ -77,12 +78,12 @@ INTERRUPTED = "interrupted"  # a trial's status while its sweep waits for --resu
 ENDED_RUN_STATUSES = ("FINISHED", "FAILED")  # MLflow statuses of runs that are final
 EPOCH_METRICS = ("val_all", "val_many", "val_medium", "val_few", "train_loss", "lr",
                  "images_per_second", "epoch_seconds", "train_seconds", "trial_seconds",
-                 "ncm_all", "ncm_many", "ncm_medium", "ncm_few")
+                 "ncm_all", "ncm_many", "ncm_medium", "ncm_few", "fused_members")
 GROUPS = ("all", "many", "medium", "few")
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 # A replayed epoch (stage 1 from the cache) was not trained by this trial: it has no timing of
 # its own, so these are not logged for it (a 0 would read as a stalled trial).
-REPLAY_OMITTED = ("epoch_seconds", "train_seconds", "images_per_second")
+REPLAY_OMITTED = ("epoch_seconds", "train_seconds", "images_per_second", "fused_members")
 SEARCH_PREFIX = "search."  # params of the searched values as sampled (search.<dimension>)
 SEARCHED_TAG = "tailtune.searched"  # the searched dimensions of a trial, comma-separated
 VAL_IMAGES_TAG = "tailtune.val_images"  # the size of the (balanced) validation split

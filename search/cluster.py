@@ -44,6 +44,11 @@ class TrialResources:
     gpus: float
     max_concurrent: int  # Tune trials at once (a fused one trains `fuse` members)
     fuse: int = 1
+    # CPUs of a fused Tune trial (a group of members); an unfused trial asks for `cpus`
+    fused_cpus: float | None = None
+
+    def cpus_for(self, fused: bool) -> float:
+        return self.fused_cpus if fused and self.fused_cpus is not None else self.cpus
 
 
 def check_local_gpus(options: SweepOptions) -> None:
@@ -207,4 +212,18 @@ def fit_resources(options: SweepOptions, cluster: dict[str, float],
         gpus = math.floor(gpus * 100) / 100  # Ray takes GPU shares in hundredths
     limit = by_cpu if gpus == 0 else min(by_cpu, int(cluster_gpus // gpus))
     return TrialResources(cpus=options.cpus_per_trial, gpus=gpus,
-                          max_concurrent=max(1, min(wanted, limit)), fuse=fuse)
+                          max_concurrent=max(1, min(wanted, limit)), fuse=fuse,
+                          fused_cpus=_fused_cpus(options, fuse, by_cpu, gpus))
+
+
+def _fused_cpus(options: SweepOptions, fuse: int, by_cpu: int, gpus: float) -> float | None:
+    """CPUs of one fused group on CPUs alone: the trial slots its members would have taken,
+    up to an equal share of the cluster between the groups that run at once. One group of 8
+    on 2 cores then trains with both (one slot each, it would leave a core idle); on a GPU the
+    device does the work and a group keeps one trial's CPUs."""
+    if fuse <= 1 or gpus:
+        return None
+    groups = -(-options.num_samples // fuse)  # ceil
+    at_once = max(1, min(groups, by_cpu, options.max_concurrent or by_cpu))
+    members = min(fuse, options.num_samples)
+    return options.cpus_per_trial * max(1, min(members, by_cpu // at_once))

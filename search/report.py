@@ -30,7 +30,8 @@ def header(plan: SweepPlan, resources: Any) -> str:
         f"{protocol}; train/val/test {split})",
         f"  {o.num_samples} trials, Optuna TPE seed {o.seed}; {stopping}",
         f"  {resources.max_concurrent} at a time, {resources.cpus:g} CPU + {resources.gpus:g} GPU "
-        f"each" + (f", {resources.fuse} trials fused in each" if resources.fuse > 1 else "")
+        f"each" + (f", {resources.fuse} trials fused in each ({resources.cpus_for(fused=True):g} "
+                   "CPU a fused one)" if resources.fuse > 1 else "")
         + (f"; time budget {o.time_budget:g} s" if o.time_budget else ""),
         f"  results: {plan.sweep_dir}",
         f"  MLflow: {plan.tracking_uri} (experiment {o.experiment!r})",

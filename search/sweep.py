@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from results.mlflow_logging import SweepRecorder
 from results.store import prepare_local_store
-from search.book import SweepBook
+from search.book import MEMBERS, SweepBook
 from search.callbacks import LedgerCallback, StopAll, last_line, log_trial_plots
 from search.environment import SetupError
 from search.ledger import Entry, LedgerError, Status
@@ -86,6 +87,13 @@ def _shared_stage1_threads(plan: SweepPlan, resources: Any) -> int | None:
     return max(1, int(resources.cpus * resources.max_concurrent))
 
 
+def _trial_resources(resources: Any, config: dict[str, Any]) -> tune.PlacementGroupFactory:
+    """What one Tune trial asks Ray for: a fused group (search.optuna_search) its group's
+    CPUs (search.cluster), any other trial one trial's."""
+    cpus = resources.cpus_for(fused=MEMBERS in config)
+    return tune.PlacementGroupFactory([{"CPU": cpus, "GPU": resources.gpus}])
+
+
 def build_tuner(plan: SweepPlan, resources: Any, book: SweepBook, stopper: StopAll) -> Any:
     """A fresh Tuner for what is left of the sweep (see the module docstring)."""
     options = plan.options
@@ -98,7 +106,7 @@ def build_tuner(plan: SweepPlan, resources: Any, book: SweepBook, stopper: StopA
                            rungs=tuple(plan.rungs) if resources.fuse > 1 else (),
                            reduction_factor=options.reduction_factor)
     trainable = tune.with_resources(tune.with_parameters(train_trial, runtime=runtime),
-                                    {"cpu": resources.cpus, "gpu": resources.gpus})
+                                    partial(_trial_resources, resources))
     scheduler = make_scheduler("none" if resources.fuse > 1 else options.scheduler,
                                rung_offset=plan.rung_offset,
                                total_epochs=plan.total_epochs,

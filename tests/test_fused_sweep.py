@@ -3,6 +3,7 @@ trial is its own ledger entry, Optuna trial and MLflow child run, judged at ASHA
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ def test_each_member_of_a_fused_sweep_is_a_trial_of_its_own(tmp_path: Path) -> N
     done = _run("--space", "dro_lt", "--fuse", "4", "--num-samples", "4", "--epochs", "14",
                 "--storage", str(storage), "--name", name)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "4 trials fused in each" in done.stdout
+    # the one group of four takes every core a trial slot has (search.cluster)
+    assert re.search(r"4 trials fused in each \((\d+) CPU a fused one\)", done.stdout)
     entries = Ledger(storage / name).entries()
     keys = sorted(e.key for e in entries)
     group = keys[0].rsplit("-", 1)[0]
@@ -67,6 +69,12 @@ def test_each_member_of_a_fused_sweep_is_a_trial_of_its_own(tmp_path: Path) -> N
             "FINISHED", statuses[key].value)
         history = client.get_metric_history(run.info.run_id, "val_all")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
+        # how many members trained each epoch together: four, fewer once members left
+        together = [m.value for m in sorted(
+            client.get_metric_history(run.info.run_id, "fused_members"), key=lambda m: m.step)]
+        assert together[0] == 4 and together == sorted(together, reverse=True)
+        if statuses[key] is Status.COMPLETED and len(stopped) > 0:
+            assert together[-1] <= 4 - len(stopped)
 
 
 def test_a_space_whose_trials_cannot_be_fused_is_refused_up_front(tmp_path: Path) -> None:

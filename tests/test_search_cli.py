@@ -12,6 +12,8 @@ import optuna
 import pytest
 import torch
 
+from search import sweep
+from search.book import KEY, MEMBERS
 from search.cluster import fit_resources
 from search.options import SweepOptions, UsageError, parse_options
 from search.optuna_search import tpe_sampler
@@ -154,6 +156,23 @@ def test_trials_are_fused_by_default_only_where_they_share_gpus() -> None:
     assert fit_resources(_options(gpus_per_trial=0.25), gpu).fuse == 1  # packing asked for
     assert fit_resources(_options(), {"CPU": 2.0}).fuse == 1
     assert fit_resources(_options(fuse=3), {"CPU": 2.0}).fuse == 3
+
+
+def test_a_fused_group_on_cpus_takes_the_slots_its_members_would_have_taken() -> None:
+    cpus = {"CPU": 2.0}
+    one_group = fit_resources(_options(num_samples=8, fuse=8), cpus)
+    assert (one_group.cpus_for(fused=True), one_group.cpus_for(fused=False)) == (2.0, 1.0)
+    # four groups of two, two at a time: a core each, as unfused trials
+    assert fit_resources(_options(num_samples=8, fuse=2), cpus).cpus_for(fused=True) == 1.0
+    wide = fit_resources(_options(num_samples=8, fuse=4, cpus_per_trial=2.0), {"CPU": 16.0})
+    assert wide.cpus_for(fused=True) == 8.0  # 2 groups share 8 slots of 2 CPUs
+    assert fit_resources(_options(num_samples=3, fuse=8), {"CPU": 16.0}).cpus_for(True) == 3.0
+    gpu = fit_resources(_options(num_samples=16), {"CPU": 16.0, "GPU": 1.0})
+    assert gpu.cpus_for(fused=True) == 1.0  # on a GPU the device does the work
+    # what Tune asks Ray for, per trial
+    group = sweep._trial_resources(one_group, {MEMBERS: [{}, {}], KEY: "g"})
+    alone = sweep._trial_resources(one_group, {"trial": {}, KEY: "t"})
+    assert (group.required_resources["CPU"], alone.required_resources["CPU"]) == (2.0, 1.0)
 
 
 def test_a_default_sized_sweep_is_modelled_by_tpe_not_drawn_at_random():

@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 # Pipeline metrics passed on to Tune each epoch (the rest of its dict stays in the trial).
 REPORTED = ("epoch", "phase", "phase_epoch", "train_loss", "lr", "val_all", "val_many",
             "val_medium", "val_few", "epoch_seconds", "train_seconds", "images_per_second",
-            "replayed", "diverged", "ncm_all", "ncm_many", "ncm_medium", "ncm_few")
+            "replayed", "diverged", "ncm_all", "ncm_many", "ncm_medium", "ncm_few",
+            "fused_members")
 
 
 @dataclass(frozen=True)
