@@ -15,6 +15,14 @@ Each measurement: `--warmup` steps, then `--steps` timed steps; the median of `-
 
     python benchmarks/fusion.py                       # CPU; writes benchmarks/results/fusion_cpu.md
     python benchmarks/fusion.py --ks 1 2 4 --modes sequential vmap --steps 2 --repeats 1
+
+`--sweeps SPACE ...`: whole default sweeps instead (`python search/run.py --space S`, embedded
+data, 8 trials), unfused and `--fuse K` (`--fuse`, default 8) in turn, `--repeats` pairs: wall
+time of the command, the fused/unfused ratio pair by pair, and the share of the machine's slot
+time outside training epochs (benchmarks/sweep_overhead.py), medians; writes
+benchmarks/results/fusion_sweeps.md.
+
+    python benchmarks/fusion.py --sweeps ce dro_lt --repeats 3
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +43,7 @@ from torch.func import vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.sweep_overhead import measure as measure_sweep  # noqa: E402
 from trainables.fused.sgd import SGDGroup, StackedSGD  # noqa: E402
 from trainables.fused.stack import StackedModel  # noqa: E402
 from trainables.models import create_model  # noqa: E402
@@ -42,6 +52,7 @@ NUM_CLASSES = 100
 BATCH = 128
 LR, MOMENTUM, WD = 0.1, 0.9, 2e-4
 RESULTS = Path(__file__).resolve().parent / "results" / "fusion_cpu.md"
+SWEEP_RESULTS = RESULTS.with_name("fusion_sweeps.md")
 
 
 def _data(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,8 +231,59 @@ def _write(args: argparse.Namespace, rows: list, device: torch.device, load_befo
             f"{table}\n\n{machine}\n")
 
 
+def compare_sweeps(spaces: list[str], fuse: int, repeats: int, out: str) -> None:
+    """Unfused and fused sweeps of each space in turn (A B A B ...), so a drift of the machine's
+    load hits both alike; a table of medians (and each run) at `out`."""
+    load_before, started = _load(), time.perf_counter()
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for repeat in range(repeats):
+        for space in spaces:
+            for extra in ((), ("--fuse", str(fuse))):
+                with tempfile.TemporaryDirectory(prefix="tailtune-fusion-") as folder:
+                    row = measure_sweep(space, Path(folder), extra)
+                row["load"] = os.getloadavg()[0]
+                runs.setdefault((space, row["args"] or "unfused"), []).append(row)
+                print(f"run {repeat + 1}: {space} {row['args'] or 'unfused'}: {row['wall_s']} s, "
+                      f"outside epochs {row['overhead_share']:.1%}, load {row['load']:.2f}",
+                      flush=True)
+    lines = ["| space | mode | wall s (median, min-max) | fused / unfused (pairs) | "
+             "outside epochs (median) | trials (last run) |", "|---|---|---|---|---|---|"]
+    for space in spaces:
+        plain, fused = runs[(space, "unfused")], runs[(space, f"--fuse {fuse}")]
+        ratios = [f["wall_s"] / p["wall_s"] for p, f in zip(plain, fused, strict=True)]
+        for mode, rows in (("unfused", plain), (f"--fuse {fuse}", fused)):
+            walls = [r["wall_s"] for r in rows]
+            ratio = (f"{statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
+                     if rows is fused else "")
+            lines.append(f"| {space} | {mode} | {statistics.median(walls):.1f} "
+                         f"({min(walls):.1f}-{max(walls):.1f}) | {ratio} | "
+                         f"{statistics.median(r['overhead_share'] for r in rows):.1%} | "
+                         f"{rows[-1]['trials']} |")
+    machine = (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} logical CPUs, "
+               f"torch {torch.__version__}); load average (1/5/15 min) before {load_before}, "
+               f"after {_load()}; {repeats} runs of each, interleaved; took "
+               f"{time.perf_counter() - started:.0f} s")
+    table = "\n".join(lines)
+    print(table)
+    print(machine, flush=True)
+    if out:
+        Path(out).write_text(
+            "# Default sweeps, fused and unfused (benchmarks/fusion.py --sweeps)\n\n"
+            "`python search/run.py --space S` (embedded digits_lt, 8 trials, ASHA) against the "
+            f"same with `--fuse {fuse}`. \"outside epochs\": the share of the machine's slot time "
+            "(wall x CPUs) not spent in training epochs (benchmarks/sweep_overhead.py).\n\n"
+            f"{table}\n\n{machine}\n\nEach run:\n\n"
+            + "\n".join(f"- {row['space']} {row['args'] or 'unfused'}: wall {row['wall_s']} s, "
+                        f"startup {row['startup_s']} s, epochs {row['epoch_s']} slot-s, outside "
+                        f"epochs {row['overhead_share']:.1%}, load {row['load']:.2f}"
+                        for rows in runs.values() for row in rows) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweeps", nargs="+", metavar="SPACE",
+                        help="compare whole default sweeps instead (see the module docstring)")
+    parser.add_argument("--fuse", type=int, default=8, help="members a fused trial (--sweeps)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--warmup", type=int, default=1)
@@ -230,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(RESULTS), help="markdown table; '' for none")
     args = parser.parse_args(argv)
+    if args.sweeps:
+        out = str(SWEEP_RESULTS) if args.out == str(RESULTS) else args.out
+        compare_sweeps(args.sweeps, args.fuse, args.repeats, out)
+        return 0
     device = torch.device(args.device)
     load_before = _load()
     started = time.perf_counter()

@@ -16,7 +16,13 @@ space in a fresh results folder and reads the trials' epoch times back from MLfl
                   process start and idle slots at the tail cost, the pipeline's own extras
                   excluded
 
-Options: --spaces ce dro_lt ... (default: all), --json PATH to keep the numbers. Not a test.
+A fused sweep (`--fuse K`, issue 15): the members of a fused trial train each epoch together,
+so a member's epoch counts as its share (epoch_seconds / fused_members, logged each epoch) of
+the group's epoch, in the group's CPUs (search.cluster.fit_resources, the sweep's own rule);
+slots are then counted in CPUs: wall x the machine's CPUs.
+
+Options: --spaces ce dro_lt ... (default: all), --fuse K, --json PATH to keep the numbers.
+Not a test. benchmarks/fusion.py --sweeps runs it fused and unfused in turn.
 """
 
 from __future__ import annotations
@@ -35,15 +41,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def measure(space: str, storage: Path) -> dict:
+def measure(space: str, storage: Path, extra: tuple[str, ...] = ()) -> dict:
     from mlflow.tracking import MlflowClient
 
     from results.mlflow_logging import local_tracking_uri
+    from search.cluster import fit_resources
+    from search.options import parse_options
 
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    argv = ["--space", space, "--name", space, "--storage", str(storage), *extra]
+    options, _ = parse_options(argv)
+    resources = fit_resources(options, {"CPU": float(os.cpu_count())})
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "search/run.py", "--space", space, "--name", space,
-                           "--storage", str(storage)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "search/run.py", *argv], cwd=REPO, env=env,
                           capture_output=True, text=True)
     wall = time.monotonic() - started
     if proc.returncode != 0:
@@ -53,33 +63,48 @@ def measure(space: str, storage: Path) -> dict:
 
     client = MlflowClient(local_tracking_uri(storage))
     experiment = client.get_experiment_by_name("tailtune")
-    epoch_seconds, trial_seconds, live_epochs, statuses = 0.0, 0.0, 0, {}
+    epoch_seconds, trial_seconds, live_epochs, statuses, fused_runs = 0.0, 0.0, 0, {}, 0
     for run in client.search_runs([experiment.experiment_id], "tags.`tailtune.role` = 'trial'"):
         status = run.data.tags["tailtune.status"]
         statuses[status] = statuses.get(status, 0) + 1
+        together = {m.step: m.value for m in client.get_metric_history(run.info.run_id,
+                                                                        "fused_members")}
+        # a slot is a trial's CPUs: a fused member's share of its group's epoch, in the
+        # group's CPUs, is its slot time (one member alone: a trial's)
+        cpus = resources.cpus_for(fused=bool(together)) / resources.cpus
         for metric in client.get_metric_history(run.info.run_id, "epoch_seconds"):
-            epoch_seconds += metric.value
+            epoch_seconds += metric.value * cpus / together.get(metric.step, 1.0)
             live_epochs += metric.value > 0
+        fused_runs += bool(together)
         trial_seconds += run.data.metrics.get("trial_seconds", 0.0)  # its last value
     capacity = wall * slots
-    return {"space": space, "wall_s": round(wall, 1), "sweep_loop_s": sweep_seconds,
+    return {"space": space, "args": " ".join(extra), "wall_s": round(wall, 1),
+            "sweep_loop_s": sweep_seconds,
             "startup_s": round(wall - sweep_seconds, 1), "slots": slots,
             "epoch_s": round(epoch_seconds, 1), "trial_s": round(trial_seconds, 1),
             "live_epochs": live_epochs,
             "overhead_share": round(1 - epoch_seconds / capacity, 3),
-            "platform_share": round(1 - trial_seconds / capacity, 3), "trials": statuses}
+            # members' trial times overlap (one process): no platform share for a fused sweep
+            "platform_share": None if fused_runs else round(1 - trial_seconds / capacity, 3),
+            "trials": statuses}
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spaces", nargs="+", default=["ce", "dro_lt", "wb", "dro_wb"])
+    parser.add_argument("--fuse", type=int, help="run the sweeps fused, K trials at a time")
     parser.add_argument("--json", help="write the measurements here")
     args = parser.parse_args()
+    extra = ("--fuse", str(args.fuse)) if args.fuse else ()
     rows = []
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start", flush=True)
     for space in args.spaces:
         with tempfile.TemporaryDirectory(prefix=f"tailtune-bench-{space}-") as folder:
-            row = measure(space, Path(folder))
+            row = measure(space, Path(folder), extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'space':<8} {'wall s':>7} {'startup s':>9} {'epoch s':>8} {'trial s':>8} "
@@ -87,7 +112,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['space']:<8} {r['wall_s']:>7} {r['startup_s']:>9} {r['epoch_s']:>8} "
               f"{r['trial_s']:>8} {r['slots']:>5} {r['overhead_share']:>8.1%} "
-              f"{r['platform_share']:>8.1%}  {r['trials']}")
+              f"{_share(r['platform_share']):>8}  {r['trials']}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end (other work on the machine "
           "inflates every number)")
     if args.json:
