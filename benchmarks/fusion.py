@@ -55,25 +55,33 @@ RESULTS = Path(__file__).resolve().parent / "results" / "fusion_cpu.md"
 SWEEP_RESULTS = RESULTS.with_name("fusion_sweeps.md")
 
 
-def _data(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(k: int, device: torch.device, batch: int = BATCH,
+          channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(k, BATCH, 3, 32, 32, generator=generator).to(device)
-    labels = torch.randint(0, NUM_CLASSES, (k, BATCH), generator=generator).to(device)
+    images = torch.randn(k, batch, 3, 32, 32, generator=generator).to(device)
+    if channels_last:  # per member: each images[j] is an NHWC-strided batch, as the loader's
+        images = torch.stack([x.contiguous(memory_format=torch.channels_last) for x in images])
+    labels = torch.randint(0, NUM_CLASSES, (k, batch), generator=generator).to(device)
     return images, labels
 
 
-def sequential_step(k: int, device: torch.device):
+def sequential_step(k: int, device: torch.device, batch: int = BATCH, amp: bool = False,
+                    channels_last: bool = False):
+    """K separate models stepped in turn. `amp` (bf16 autocast) and `channels_last` are what
+    trainables.pipeline does on CUDA, so K=1 is the unfused GPU trial's step."""
     models = []
     for seed in range(k):
         torch.manual_seed(seed)
-        models.append(create_model("resnet32", NUM_CLASSES).to(device).train())
+        model = create_model("resnet32", NUM_CLASSES).to(device).train()
+        models.append(model.to(memory_format=torch.channels_last) if channels_last else model)
     optimizers = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
                   for m in models]
-    images, labels = _data(k, device)
+    images, labels = _data(k, device, batch, channels_last)
 
     def step() -> None:
         for j, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
-            loss = F.cross_entropy(model(images[j]), labels[j])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(images[j]), labels[j])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -81,21 +89,24 @@ def sequential_step(k: int, device: torch.device):
     return step
 
 
-def vmap_step(k: int, device: torch.device):
+def vmap_step(k: int, device: torch.device, batch: int = BATCH, amp: bool = False):
+    """The fused step; `amp` autocasts forward and loss as trainables.fused.runner does (the
+    fused path has no channels-last: StackedModel's stacked weights stay contiguous)."""
     models = []
     for seed in range(k):
         torch.manual_seed(seed)
         models.append(create_model("resnet32", NUM_CLASSES).to(device))
     stack = StackedModel(models)
     sgd = StackedSGD()
-    images, labels = _data(k, device)
+    images, labels = _data(k, device, batch)
     group = SGDGroup(list(stack.params), torch.full((k,), LR, device=device),
                      torch.full((k,), WD, device=device))
     momentum = torch.full((k,), MOMENTUM, device=device)
 
     def step() -> None:
-        _, logits = stack.train_forward(images)
-        losses = vmap(F.cross_entropy)(logits, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            _, logits = stack.train_forward(images)
+            losses = vmap(F.cross_entropy)(logits, labels)
         for tensor in stack.params.values():
             tensor.grad = None
         losses.sum().backward()
@@ -153,11 +164,11 @@ class GroupedResNet32(nn.Module):
         return torch.baddbmm(self.bias, features, self.weight.transpose(1, 2))
 
 
-def grouped_step(k: int, device: torch.device):
+def grouped_step(k: int, device: torch.device, batch: int = BATCH):
     torch.manual_seed(0)
     model = GroupedResNet32(k, NUM_CLASSES).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    images, labels = _data(k, device)
+    images, labels = _data(k, device, batch)
 
     def step() -> None:
         logits = model(images)
@@ -174,13 +185,16 @@ MODES = {"sequential": sequential_step, "vmap": vmap_step, "grouped": grouped_st
 
 
 def measure(modes: list[str], k: int, device: torch.device, warmup: int, steps: int,
-            repeats: int) -> dict[str, float]:
+            repeats: int, batch: int = BATCH, **options: bool) -> dict[str, float]:
     """Median images/s of each mode; the modes take turns within each repeat, so a change of
-    machine load during the measurement hits all of them alike."""
-    runs = {mode: MODES[mode](k, device) for mode in modes}
+    machine load during the measurement hits all of them alike. `options` (amp,
+    channels_last) go to the step builders."""
+    runs = {mode: MODES[mode](k, device, batch, **options) for mode in modes}
     for step in runs.values():
         for _ in range(warmup):
             step()
+    if device.type == "cuda":  # the warm-up's queued kernels are not the first repeat's
+        torch.cuda.synchronize(device)
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(repeats):
         for mode, step in runs.items():
@@ -189,7 +203,7 @@ def measure(modes: list[str], k: int, device: torch.device, warmup: int, steps: 
                 step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            rates[mode].append(k * BATCH * steps / (time.perf_counter() - started))
+            rates[mode].append(k * batch * steps / (time.perf_counter() - started))
     return {mode: statistics.median(values) for mode, values in rates.items()}
 
 

@@ -11,9 +11,15 @@ cheapest first:
   throughput    device-resident batches against the authors' PIL + DataLoader path (the
                 functions of benchmarks/throughput.py), and the same with torch.compile
   packing       K = 1, 2, 4, 8 trial processes sharing the one device, aggregate images/s
+  fused         K = 1, 2, 4, 8, 16, 32 ResNet-32 members fused in one model (trainables.fused:
+                stacked weights under torch.func.vmap), aggregate training images/s, next to one
+                unfused trial's step and the packing stage's K processes (issue 15)
   paper_ce      CIFAR-10-LT IF 100 (JPEG copy), ResNet-32, 200-epoch LDAM-recipe stage 1
   paper_dro_lt  the dro_lt_paper preset (80 DRO + 20 classifier epochs) on that stage 1
   paper_wb      the wb_paper preset: its own stage 1 and stage 2
+  fused_sweep   16 dro_lt trials drawn from the dro_lt space, trained fused
+                (`trainables.fused.run_trials`, groups of --fuse) on the paper stages' CIFAR-10-LT
+                IF 100: wall time, against one unfused trial of the same config x 16
 
 `--stages` takes names, `paper` (the three paper stages) or `all`. Each stage runs in a process
 of its own, so a crash or a broken CUDA context stays in that stage, and appends one JSON line to
@@ -21,7 +27,24 @@ OUT/gpu_proof.jsonl when it ends; a run cut short keeps what it finished. A tabl
 
     python benchmarks/gpu_proof.py --out proof --stages env,correctness,throughput,packing
     python benchmarks/gpu_proof.py --out proof --stages paper --data-dir DATA/cifar10-jpg
+    python benchmarks/gpu_proof.py --out proof --stages packing,fused
+    python benchmarks/gpu_proof.py --out proof --stages fused_sweep --data-dir DATA/cifar10-jpg
     python benchmarks/gpu_proof.py --device cpu --tiny --out /tmp/proof   # the CPU rehearsal
+
+What `fused` measures: the training step alone (benchmarks/fusion.py's `vmap_step` and
+`sequential_step`: forward, cross-entropy, backward, SGD on resident random CIFAR-shaped
+batches), warm-up steps then timed steps closed by torch.cuda.synchronize, median of repeats.
+On CUDA both run under bf16 autocast, as the pipeline does; channels-last is the unfused
+path's only (trainables.pipeline sets it, the fused path does not), and the line says so.
+The packing figures it sets beside them are whole stage-1 trials (augmentation, validation),
+so the two ratios share a denominator only when packing's K=1 is close to the step's rate.
+
+What `fused_sweep` measures: `run_trials` as it is on this branch, where every member trains
+its own copy of the shared stage 1 (same seed, same data order: identical copies); the
+stage-1 cache is not used by the fused path here, so the wall time includes K stacked stage-1
+trainings per group. The unfused figures are one trial's measured wall time x the number of
+trials, and (as an unfused sweep sharing its stage 1 through the cache would run) its
+stage-1 epochs once plus its other epochs x the number of trials.
 """
 
 from __future__ import annotations
@@ -35,6 +58,7 @@ import math
 import os
 import pkgutil
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -59,6 +83,7 @@ sys.path.insert(0, str(SCRIPT.parent))
 # Guarded: the GPU machine has only torch, torchvision and numpy, and a module the project needs
 # but that machine lacks must become the env stage's result, not a traceback before any line.
 try:
+    import fusion
     import numpy as np
     import throughput
     import torch
@@ -66,10 +91,12 @@ try:
     from PIL import Image
 
     import trainables
+    from spaces import fixed_settings, get_space
     from trainables.centroids import compute_centroids
     from trainables.config import METHODS, PRESETS, RADII, TrialConfig
     from trainables.data import ArraySplit, LTDataset, register_dataset
     from trainables.datasets.cifar import CIFAR_MEAN, CIFAR_STD
+    from trainables.fused import run_trials
     from trainables.losses import dro_loss, make_radii
     from trainables.lt_profile import long_tail_counts
     from trainables.models import create_model
@@ -79,7 +106,10 @@ try:
 except ImportError:
     IMPORT_ERROR = traceback.format_exc()
 
-STAGES = ("env", "correctness", "throughput", "packing", "paper_ce", "paper_dro_lt", "paper_wb")
+STAGES = ("env", "correctness", "throughput", "packing", "fused", "paper_ce", "paper_dro_lt",
+          "paper_wb", "fused_sweep")
+# Stages with no time limit unless --budget gives one: they take what the recipe takes.
+UNLIMITED_STAGES = ("paper_ce", "paper_dro_lt", "paper_wb", "fused_sweep")
 ALIASES = {"all": STAGES, "paper": ("paper_ce", "paper_dro_lt", "paper_wb")}
 RESULTS_FILE = "gpu_proof.jsonl"
 PROGRESS_FILE = "progress.jsonl"
@@ -124,6 +154,16 @@ class Sizes:
     packing_images: int
     packing_epochs: int
     packing_timeout: float
+    # fused: steps per K, and per repeat
+    fused_batch: int
+    fused_warmup: int
+    fused_steps: int
+    fused_repeats: int
+    # fused_sweep: trials drawn from the dro_lt space; total epochs (None: the cifar plan);
+    # data settings over the paper stages' (None: theirs)
+    sweep_trials: int
+    sweep_epochs: int | None
+    sweep_data: dict[str, Any] | None
     # paper: None keeps the real recipe
     paper_imbalance: float
     paper_overrides: dict[str, dict[str, Any]] | None
@@ -135,12 +175,18 @@ FULL = Sizes(
     # 85 full batches of 128: every batch has one shape, so a compiled model compiles once
     images=85 * 128, steps=300, warmup=30, compiled_warmup=50, workers=8, compile_timeout=240.0,
     packing_images=10_847, packing_epochs=4, packing_timeout=300.0,
+    fused_batch=128, fused_warmup=10, fused_steps=30, fused_repeats=3,
+    sweep_trials=16, sweep_epochs=None, sweep_data=None,
     paper_imbalance=100.0, paper_overrides=None, stage_timeout=600.0,
 )
 TINY = Sizes(
     n_max=8, imbalance=4.0, val_per_class=1, test_per_class=1, batch_size=16,
     images=4 * 16, steps=3, warmup=1, compiled_warmup=2, workers=2, compile_timeout=120.0,
     packing_images=32, packing_epochs=2, packing_timeout=120.0,
+    # batch 8 on the CPU: the rehearsal proves the plumbing, not the rate
+    fused_batch=8, fused_warmup=1, fused_steps=1, fused_repeats=1,
+    # 3 trials in groups of 2 (--fuse 2): a full group and a part one, an epoch a phase
+    sweep_trials=3, sweep_epochs=3, sweep_data={"n_max": 8, "imbalance": 4.0, "val_per_class": 1},
     paper_imbalance=10.0,
     paper_overrides={
         "data": {"n_max": 20, "val_per_class": 5},
@@ -804,13 +850,11 @@ def stage_packing(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     for row in rows:
         if single and row["status"] == "ok":
             row["speedup_vs_k1"] = row["aggregate_images_per_s"] / single["aggregate_images_per_s"]
-    fused = ("run_trials exists but this script does not measure it yet"
-             if hasattr(sys.modules["trainables.pipeline"], "run_trials")
-             else "not available (fused trials are not implemented yet)")
+    fused = "measured by the fused stage (trainables.fused.run_trials), which reads this line"
     headline = ", ".join(
         f"K={r['k']} {r['aggregate_images_per_s']:.0f}" if r["status"] == "ok"
         else f"K={r['k']} {r['status']}" for r in rows
-    ) + " img/s aggregate; fused: " + ("not available" if fused.startswith("not") else "n/m")
+    ) + " img/s aggregate"
     return {
         "result": {"packing": rows, "fused": fused, "epochs_per_trial": sizes.packing_epochs,
                    "images_per_trial_epoch": None if not rows else rows[0].get("train_images"),
@@ -905,6 +949,98 @@ def packing_worker(args: argparse.Namespace, sizes: Sizes) -> int:
         "status": result["status"], "forbidden": forbidden_loaded(),
     }))
     return 0
+
+
+# ==================================================================== stage: fused
+def stage_fused(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
+    """Aggregate training images/s of K fused members, against one unfused trial's step."""
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as trainables.pipeline does on CUDA
+    # What each path does on this device: the pipeline autocasts (and goes channels-last)
+    # only on CUDA; the fused runner autocasts on CUDA and never goes channels-last.
+    unfused_options = {"amp": cuda, "channels_last": cuda}
+    fused_options = {"amp": cuda}
+    timing = (sizes.fused_warmup, sizes.fused_steps, sizes.fused_repeats)
+    single = fusion.measure(["sequential"], 1, device, *timing, batch=sizes.fused_batch,
+                            **unfused_options)["sequential"]
+    print(f"  one trial alone (unfused step): {single:.1f} img/s", flush=True)
+    if cuda:  # each K's peak memory is its own
+        torch.cuda.reset_peak_memory_stats(device)
+    rows: list[dict[str, Any]] = []
+    for k in [int(k) for k in args.fused_ks.split(",") if k]:
+        if seconds_left(args) < MIN_STAGE_SECONDS:
+            rows.append({"k": k, "status": "skipped", "error": "budget spent"})
+            continue
+        try:
+            rate = fusion.measure(["vmap"], k, device, *timing, batch=sizes.fused_batch,
+                                  **fused_options)["vmap"]
+        except torch.cuda.OutOfMemoryError as error:
+            # a larger K needs more memory still: the largest K that fits is the answer
+            rows.append({"k": k, "status": "out_of_memory", "error": str(error)[:500]})
+            print(f"  K={k}: CUDA out of memory; larger K not tried", flush=True)
+            break
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+        row = {"k": k, "status": "ok", "aggregate_images_per_s": rate,
+               "ratio_vs_one_trial": rate / single}
+        if cuda:
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        rows.append(row)
+        print(f"  K={k} fused: {rate:.1f} img/s aggregate, {rate / single:.2f}x one trial",
+              flush=True)
+    packing = _packing_line(Path(args.out), args.run_id)
+    if packing is not None:
+        for row in packing["rows"]:
+            if row.get("status") == "ok":
+                row["ratio_vs_one_trial"] = row["aggregate_images_per_s"] / single
+    ok = [r for r in rows if r["status"] == "ok"]
+    best = max(ok, key=lambda r: r["aggregate_images_per_s"], default=None)
+    goals = {"best_k_at_least_8x_one_trial": best is not None and best["ratio_vs_one_trial"] >= 8
+             } if cuda and not args.tiny else {}
+    headline = (f"one trial {single:.0f} img/s; fused "
+                + ", ".join(f"K={r['k']} {r['aggregate_images_per_s']:.0f}" if r["status"] == "ok"
+                            else f"K={r['k']} {r['status']}" for r in rows)
+                + (f"; best K={best['k']} {best['ratio_vs_one_trial']:.2f}x one trial"
+                   if best else "")
+                + ("; packing: " + ", ".join(
+                    f"K={r['k']} {r['ratio_vs_one_trial']:.2f}x" for r in packing["rows"]
+                    if "ratio_vs_one_trial" in r) if packing else "; packing not measured"))
+    return {
+        "result": {
+            "batch_per_member": sizes.fused_batch, "warmup_steps": sizes.fused_warmup,
+            "timed_steps": sizes.fused_steps, "repeats": sizes.fused_repeats,
+            "one_trial_images_per_s": single,
+            "unfused_path": unfused_options, "fused_path": {**fused_options,
+                                                            "channels_last": False},
+            "fused": rows,
+            "packing": packing or "not measured (no packing line in this --out)",
+            "machine": throughput.machine_info(device),
+        },
+        "checks": {"one_trial_rate_positive": single > 0, "fused_k_ran": bool(ok),
+                   # an out-of-memory K ends the list: it is a result, not a failure
+                   "no_failed_k": all(r["status"] in ("ok", "out_of_memory", "skipped")
+                                      for r in rows)},
+        "goals": goals,
+        "headline": headline,
+    }
+
+
+def _packing_line(out: Path, run_id: str) -> dict[str, Any] | None:
+    """The packing stage's figures from this --out: this run's line, else the latest one."""
+    lines = [r for r in read_lines(out / RESULTS_FILE)
+             if r.get("stage") == "packing" and r.get("status") == STATUS_PASSED]
+    line = next((r for r in lines if r.get("run") == run_id), lines[-1] if lines else None)
+    if line is None:
+        return None
+    rows = [{key: row.get(key) for key in ("k", "status", "aggregate_images_per_s")}
+            for row in line["result"]["packing"]]
+    return {"run": line["run"], "same_run": line["run"] == run_id, "rows": rows,
+            "what": f"K stage-1 trial processes, {line['result']['epochs_per_trial']} epochs "
+                    "each: whole epochs (augmentation, validation), not the bare step"}
 
 
 # ==================================================================== stages: paper
@@ -1028,6 +1164,154 @@ def _published(name: str) -> dict[str, Any]:
     return {}
 
 
+# ==================================================================== stage: fused_sweep
+SWEEP_SPACE = "dro_lt"
+
+
+class SeededDraw:
+    """Stands in for the Optuna trial `Space.sample` asks: each dimension drawn independently
+    and uniformly from its range (log-uniform where the dimension is log), as Optuna's
+    RandomSampler draws, from one seeded generator; Optuna itself is absent on the GPU machine."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return self.rng.choice(list(choices))
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        if log:
+            return math.exp(self.rng.uniform(math.log(low), math.log(high)))
+        return self.rng.uniform(low, high)
+
+
+def sweep_configs(args: argparse.Namespace, sizes: Sizes) -> list[dict[str, Any]]:
+    """The sweep's trials: the dro_lt space's fixed settings for CIFAR-10-LT (its cifar plan,
+    or --sweep-epochs split over its phases), the paper stages' data, and a seeded draw of the
+    space's dimensions through the space's own sampling (Space.sample, to_config, derive)."""
+    space = get_space(SWEEP_SPACE)
+    data, _ = paper_setup(args, sizes)
+    fixed = fixed_settings(space, data["dataset"], epochs=args.sweep_epochs or sizes.sweep_epochs)
+    # one seed for every trial, as a sweep fixes it: the space shares its stage 1
+    fixed.update(data, **(sizes.sweep_data or {}))
+    draw = SeededDraw(args.sweep_seed)
+    return [space.to_config(space.sample(draw), fixed) for _ in range(sizes.sweep_trials)]
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if finite(v)]
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def stage_fused_sweep(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
+    out = Path(args.out)
+    space = get_space(SWEEP_SPACE)
+    configs = sweep_configs(args, sizes)
+    plan = TrialConfig.from_dict(configs[0]).phase_plan()
+    groups = [configs[i:i + args.fuse] for i in range(0, len(configs), args.fuse)]
+    epochs_seen: list[int] = []
+
+    def on_epoch(member: int, metrics: dict[str, Any], _snapshot: Callable) -> None:
+        epochs_seen.append(member)
+        # not synced, as the paper stages' progress: a sync per epoch would lengthen the run
+        append_line(out / PROGRESS_FILE, {
+            "run": args.run_id, "stage": "fused_sweep", "group": len(group_walls),
+            "member": member, **{key: metrics[key] for key in (
+                "phase", "phase_epoch", "train_loss", "val_all", "epoch_seconds",
+                "fused_members")}, "at": time.time()}, sync=False)
+        if metrics["phase_epoch"] == 1 and member == 0:
+            print(f"  group {len(group_walls) + 1}/{len(groups)} {metrics['phase']}: "
+                  f"{metrics['fused_members']} members, {metrics['epoch_seconds']:.2f} s an epoch",
+                  flush=True)
+        if args.deadline is not None and time.time() > args.deadline:
+            raise OutOfTime(f"budget spent in fused group {len(group_walls) + 1}")
+
+    group_walls: list[float] = []
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    try:
+        for group in groups:
+            group_started = time.perf_counter()
+            results += run_trials(group, on_epoch)
+            group_walls.append(time.perf_counter() - group_started)
+    except OutOfTime as stop:
+        return {"status": "out_of_time",
+                "result": {"configs": configs, "plan": plan, "fuse": args.fuse,
+                           "group_walls": group_walls, "member_epochs": len(epochs_seen),
+                           "seconds_so_far": time.perf_counter() - started},
+                "headline": f"{stop}; {len(group_walls)}/{len(groups)} groups done"}
+    wall = time.perf_counter() - started
+    members = [{"status": r["status"], "val_all": r["val"]["all"], "test_all": r["test"]["all"],
+                "radius": c.get("radius"), "lam": c.get("lam")}
+               for r, c in zip(results, configs, strict=True)]
+    print(f"  fused: {len(configs)} trials in {len(groups)} group(s) of <= {args.fuse}: "
+          f"{wall:.1f} s", flush=True)
+    unfused = _unfused_estimate(args, configs[0], len(configs)) if args.sweep_unfused else \
+        "not measured (--no-sweep-unfused)"
+    completed = [m for m in members if m["status"] == "completed"]
+    best = max(completed, key=lambda m: m["val_all"], default=None)
+    test = _spread([m["test_all"] for m in completed])
+    result = {
+        "space": SWEEP_SPACE,
+        "draw": f"seeded random draw (seed {args.sweep_seed}) through Space.sample: each "
+                "dimension uniform, or log-uniform where the space says log",
+        "shares_stage1": space.shares_stage1,
+        "stage1_note": "every member trains its own copy of the shared stage 1 "
+                       "(run_trials on this branch does not use the stage-1 cache)",
+        "dataset_config": {k: configs[0].get(k) for k in ("dataset", "imbalance", "protocol",
+                                                          "n_max", "val_per_class")},
+        "plan": plan, "trials": len(configs), "fuse": args.fuse, "groups": len(groups),
+        "wall_seconds": wall, "group_walls": group_walls,
+        "members": members,
+        "val_all": _spread([m["val_all"] for m in completed]),
+        "test_all": test,
+        "best_by_val": best,
+        "unfused": unfused,
+        "configs": configs,
+    }
+    checks = {
+        "every_trial_ended": len(results) == len(configs),
+        "every_member_epoch_reported": len(epochs_seen) == sum(
+            len(r["history"]) for r in results),
+        "completed_or_diverged": all(m["status"] in ("completed", "diverged") for m in members),
+    }
+    estimate = unfused.get("estimate_seconds") if isinstance(unfused, dict) else None
+    headline = (f"{len(configs)} trials fused {args.fuse} a group: {wall:.0f} s; test "
+                + (f"{percent(test['min'])}-{percent(test['max'])}% (median "
+                   f"{percent(test['median'])})" if test else "-")
+                + f", {len(completed)}/{len(configs)} completed; unfused x{len(configs)} "
+                + (f"{estimate:.0f} s ({estimate / wall:.2f}x the fused wall)" if estimate
+                   else "not measured"))
+    return {"result": result, "checks": checks, "headline": headline}
+
+
+def _unfused_estimate(args: argparse.Namespace, config: dict[str, Any],
+                      trials: int) -> dict[str, Any] | str:
+    """One unfused trial of the sweep's first config, measured; times the number of trials."""
+    on_epoch, rows = epoch_recorder("fused_sweep_unfused", Path(args.out), args.run_id,
+                                    args.deadline, print_every=1 if args.tiny else 20)
+    started = time.perf_counter()
+    try:
+        trial = run_trial(config, on_epoch)
+    except OutOfTime as stop:
+        return f"not measured ({stop})"
+    wall = time.perf_counter() - started
+    timing = phase_timing(rows)
+    stage1 = timing.get("stage1", {}).get("wall_seconds", 0.0)
+    rest = sum(t["wall_seconds"] for phase, t in timing.items() if phase != "stage1")
+    return {
+        "trial_wall_seconds": wall,
+        "estimate_seconds": wall * trials,
+        # an unfused sweep replays one stage 1 from the cache: epochs only, set-up left out
+        "estimate_stage1_shared_epoch_seconds": stage1 + rest * trials,
+        "timing": timing,
+        "status": trial["status"],
+        "test_all": trial["test"]["all"],
+    }
+
+
 # ==================================================================== orchestration
 STAGE_FUNCTIONS: dict[str, Callable[[argparse.Namespace, Sizes], dict[str, Any]]] = {
     "env": stage_env,
@@ -1037,6 +1321,8 @@ STAGE_FUNCTIONS: dict[str, Callable[[argparse.Namespace, Sizes], dict[str, Any]]
     "paper_ce": lambda args, sizes: stage_paper("ce", args, sizes),
     "paper_dro_lt": lambda args, sizes: stage_paper("dro_lt", args, sizes),
     "paper_wb": lambda args, sizes: stage_paper("wb", args, sizes),
+    "fused": stage_fused,
+    "fused_sweep": stage_fused_sweep,
 }
 WORKERS = {"compile_worker": compile_worker, "packing_worker": packing_worker}
 
@@ -1044,11 +1330,17 @@ WORKERS = {"compile_worker": compile_worker, "packing_worker": packing_worker}
 def child_command(args: argparse.Namespace, child: str, *extra: str) -> list[str]:
     command = [sys.executable, str(SCRIPT), "--device", args.device, "--out", str(args.out),
                "--protocol", args.protocol, "--compile-modes", args.compile_modes,
-               "--packing-k", args.packing_k, "--child", child, "--run-id", args.run_id]
+               "--packing-k", args.packing_k, "--fused-ks", args.fused_ks,
+               "--fuse", str(args.fuse), "--sweep-seed", str(args.sweep_seed),
+               "--child", child, "--run-id", args.run_id]
     if args.tiny:
         command.append("--tiny")
     if args.data_dir is not None:
         command += ["--data-dir", str(args.data_dir)]
+    if args.sweep_epochs is not None:
+        command += ["--sweep-epochs", str(args.sweep_epochs)]
+    if not args.sweep_unfused:
+        command.append("--no-sweep-unfused")
     if args.deadline is not None:
         command += ["--deadline", repr(args.deadline)]
     return command + list(extra)
@@ -1103,8 +1395,8 @@ def orchestrate(args: argparse.Namespace, stages: list[str], sizes: Sizes) -> in
             continue
         timeout = sizes.stage_timeout if remaining is None else min(
             sizes.stage_timeout, remaining + BUDGET_GRACE_SECONDS)
-        if stage.startswith("paper") and remaining is None:
-            timeout = None  # the paper stages take what they take unless --budget says otherwise
+        if stage in UNLIMITED_STAGES and remaining is None:
+            timeout = None  # these take what they take unless --budget says otherwise
         print(f"== {stage}", flush=True)
         started = time.perf_counter()
         log = out / "logs" / f"{args.run_id}-{stage}.log"
@@ -1196,6 +1488,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-modes", default="default,reduce-overhead",
                         help="torch.compile modes for the throughput stage, or none")
     parser.add_argument("--packing-k", help="trial processes per packing round (1,2,4,8)")
+    parser.add_argument("--fused-ks", help="fused members per measurement (1,2,4,8,16,32); "
+                        "the first K out of CUDA memory ends the list")
+    parser.add_argument("--fuse", type=int, help="fused_sweep: members a fused group (16)")
+    parser.add_argument("--sweep-epochs", type=int,
+                        help="fused_sweep: total epochs a trial, split over the dro_lt plan's "
+                             "phases (default: the plan for CIFAR, 200 + 80 + 20)")
+    parser.add_argument("--sweep-seed", type=int, default=0,
+                        help="fused_sweep: seed of the draw of the trials' hyperparameters")
+    parser.add_argument("--no-sweep-unfused", dest="sweep_unfused", action="store_false",
+                        help="fused_sweep: do not train the one unfused trial of the comparison")
     # internal: a stage or worker process started by this script
     for name in ("--child", "--run-id", "--sync-dir", "--result", "--compile-mode",
                  "--compile-backend"):
@@ -1216,6 +1518,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ks = [0]
     if not ks or min(ks) < 1:
         parser.error(f"--packing-k must be integers >= 1; got {args.packing_k}")
+    args.fused_ks = args.fused_ks or ("1,2" if args.tiny else "1,2,4,8,16,32")
+    try:
+        fused_ks = [int(k) for k in args.fused_ks.split(",")]
+    except ValueError:
+        fused_ks = [0]
+    if not fused_ks or min(fused_ks) < 1:
+        parser.error(f"--fused-ks must be integers >= 1; got {args.fused_ks}")
+    args.fuse = args.fuse or (2 if args.tiny else 16)
+    if args.fuse < 1:
+        parser.error(f"--fuse must be an integer >= 1; got {args.fuse}")
+    if args.sweep_epochs is not None and args.sweep_epochs < 3:
+        parser.error(f"--sweep-epochs must be >= 3 (one a phase); got {args.sweep_epochs}")
     return args
 
 
