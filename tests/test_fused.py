@@ -403,10 +403,10 @@ def _close_norms(got: dict, want: dict) -> bool:
 
 
 def _timeless(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
+    return [{k: v for k, v in row.items() if "second" not in k} for row in history]
 
 
-@pytest.mark.parametrize("method,stops", [("dro_lt", (1, 2, 3, 5)), ("wb", (3,))])
+@pytest.mark.parametrize("method,stops", [("dro_lt", (2, 3, 5)), ("wb", (3,))])
 def test_members_resumed_from_their_checkpoints_end_as_if_uninterrupted(method, stops):
     """Checkpoints (round-tripped through torch.save / weights_only load) taken mid stage 1, at
     its end, mid DRO and mid classifier phase: resumed, every member ends where the
@@ -451,8 +451,9 @@ def test_members_resumed_from_their_checkpoints_end_as_if_uninterrupted(method, 
                         isinstance(value, float)) else value
                     assert got[key] == expected, (epoch, k, key)
             assert resumed[k]["test"] == whole[k]["test"]
-            assert resumed[k]["diagnostics"]["radii"] == pytest.approx(
-                whole[k]["diagnostics"]["radii"], rel=1e-5)
+            radii = whole[k]["diagnostics"]["radii"]
+            assert resumed[k]["diagnostics"]["radii"] == (
+                radii if radii is None else pytest.approx(radii, rel=1e-5))
             assert resumed[k]["diagnostics"]["weight_norms"] == whole[k]["diagnostics"][
                 "weight_norms"] or _close_norms(resumed[k], whole[k])
 
