@@ -204,6 +204,21 @@ def _assert_resumed_without_loss(run: dict, ended_before: bool = True) -> None:
         assert run["before"]["records"], "no trial had ended before the fault"
 
 
+def _assert_continued_from_checkpoints(run: dict) -> None:
+    """Trials (fused members too) unfinished at the fault continued from their checkpoints
+    (every epoch checkpointed here): their ends say from which epoch, as do their MLflow runs."""
+    storage, name = run["storage"], run["name"]
+    continued = {entry.key: entry.result.get("resumed_from_epoch", 0)
+                 for entry in Ledger(storage / name).entries()
+                 if entry.key not in run["before"]["records"]}
+    assert continued, "every trial had ended before the fault"
+    assert any(epoch > 0 for epoch in continued.values()), continued
+    for child in _children(storage):
+        key = child.data.tags["tailtune.trial_id"]
+        if key in continued and "resumed_from_epoch" in child.data.metrics:
+            assert child.data.metrics["resumed_from_epoch"] == continued[key]
+
+
 # ---------------------------------------------------------------- the searcher after restarts
 def _book(sweep: Path, name: str = "sweep") -> tuple[SweepBook, LedgerSearch]:
     """The driver's book and searcher over a real study, ledger and MLflow store, as a (new or
@@ -362,6 +377,7 @@ def test_a_sweep_killed_with_sigkill_resumes_to_exact_counts(tmp_path: Path,
     assert run["first_code"] == -signal.SIGKILL
     assert run["leftovers"] == []  # the local Ray the driver started died with it
     _assert_resumed_without_loss(run)
+    _assert_continued_from_checkpoints(run)
 
 
 def _has_experiment_state(tune_dir: Path) -> bool:
@@ -402,6 +418,7 @@ def test_a_sweep_interrupted_with_sigint_says_how_to_resume_and_resumes(
                                               ("KILLED", "interrupted")}
     assert ("FINISHED", "completed") in run["before"]["statuses"]
     _assert_resumed_without_loss(run)
+    _assert_continued_from_checkpoints(run)
 
 
 @pytest.mark.slow
