@@ -22,6 +22,8 @@ reaches, keyed by the trial key (the config's `trial_key`):
   replayed from the stage-1 cache are not checkpointed (a restart replays them at no cost). A
   retried trial (Tune, same driver) and a re-issued one (a resumed sweep, new Tuner) continue
   from it. It holds tensors and plain values only and loads with torch.load(weights_only=True).
+  A fused trial's members each have their own entry and checkpoint (`train_fused`), written at
+  one epoch boundary for the whole group; a member continues from its own.
 - end.json: a trial that completes or diverges writes its end before its last report, so a
   driver killed right after still finds it. A trial started with an end recorded replays it
   instead of training: a finished trial is never re-run.
