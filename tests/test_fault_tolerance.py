@@ -159,7 +159,11 @@ def _interrupt_and_resume(tmp_path: Path, sig: int, samples: int = 3, epochs: in
     while leftovers and time.monotonic() < deadline:
         time.sleep(0.5)
         leftovers = _marked_processes(marker, proc.pid)
+    ledger = Ledger(storage / name)
     before = {"records": _records(storage, name), "mlflow": _snapshot_mlflow(storage),
+              # unfinished trials (fused members too) with a checkpoint to continue from
+              "checkpointed": sorted(entry.key for entry in ledger.entries() if (
+                  not entry.status.ended and ledger.checkpoint_path(entry.key).exists())),
               "tune_snapshot": _has_experiment_state(storage / name / "tune"),
               "statuses": sorted((r.info.status, r.data.tags["tailtune.status"])
                                  for r in _children(storage))}
@@ -202,6 +206,17 @@ def _assert_resumed_without_loss(run: dict, ended_before: bool = True) -> None:
         assert after_mlflow[key] == finished, f"the finished MLflow run of {key} changed"
     if ended_before:
         assert run["before"]["records"], "no trial had ended before the fault"
+
+
+def _assert_continued_from_checkpoints(run: dict, fused: bool) -> None:
+    """Trials (fused members too) that had a checkpoint at the fault continued from it: their
+    ends say from which epoch. Fused, both groups train at once, so some member had one."""
+    storage, name = run["storage"], run["name"]
+    if fused:
+        assert run["before"]["checkpointed"], "no unfinished member had a checkpoint"
+    ledger = Ledger(storage / name)
+    for key in run["before"]["checkpointed"]:
+        assert ledger.entry(key).result.get("resumed_from_epoch", 0) > 0, key
 
 
 # ---------------------------------------------------------------- the searcher after restarts
@@ -362,6 +377,7 @@ def test_a_sweep_killed_with_sigkill_resumes_to_exact_counts(tmp_path: Path,
     assert run["first_code"] == -signal.SIGKILL
     assert run["leftovers"] == []  # the local Ray the driver started died with it
     _assert_resumed_without_loss(run)
+    _assert_continued_from_checkpoints(run, fused=bool(extra))
 
 
 def _has_experiment_state(tune_dir: Path) -> bool:
@@ -402,6 +418,7 @@ def test_a_sweep_interrupted_with_sigint_says_how_to_resume_and_resumes(
                                               ("KILLED", "interrupted")}
     assert ("FINISHED", "completed") in run["before"]["statuses"]
     _assert_resumed_without_loss(run)
+    _assert_continued_from_checkpoints(run, fused=bool(extra))
 
 
 @pytest.mark.slow

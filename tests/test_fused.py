@@ -8,6 +8,7 @@ draws), same losses and gradients to float tolerance. The run-level tests compar
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -15,11 +16,12 @@ import torch
 
 from trainables.config import ConfigError, TrialConfig
 from trainables.fused import run_trials
-from trainables.fused.runner import FusedRunner
+from trainables.fused.runner import MEMBER_CHECKPOINT, FusedRunner
 from trainables.fused.sgd import SGDGroup, StackedSGD
 from trainables.phases import PHASE_SEED_STRIDE, PHASES
-from trainables.pipeline import TrialRunner, run_trial
+from trainables.pipeline import CachedStage1, TrialRunner, run_trial
 from trainables.schedules import make_scheduler
+from trainables.stage1_cache import Stage1Cache
 
 BASE = {"device": "cpu", "amp": False, "model": "resnet8", "batch_size": 128,
         "dro_batch_size": 128, "cls_batch_size": 128, "epochs": 1, "cls_epochs": 1,
@@ -315,3 +317,151 @@ def test_a_reinitialised_classifier_is_the_unfused_trials():
     FusedRunner(configs, on_step=first_classifier_step).run()
     for k in range(2):
         torch.testing.assert_close(seen[k], expected[k], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- the stage-1 cache
+def _count_stage1_trainings(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every stage 1 trained into the cache (Stage1Cache's train() calls), by key."""
+    trained: list[dict] = []
+    get_or_train = Stage1Cache.get_or_train
+
+    def counted(self, key, train):
+        return get_or_train(self, key, lambda: trained.append(key) or train())
+
+    monkeypatch.setattr(Stage1Cache, "get_or_train", counted)
+    return trained
+
+
+def _last_weights(states: dict, member: int) -> dict:
+    return states[member, max(epoch for m, epoch in states if m == member)]
+
+
+def test_members_sharing_a_stage1_train_it_once_into_the_cache_as_unfused_trials_do(
+        tmp_path, monkeypatch):
+    """dro_lt members with one seed share their stage 1: the fused run trains it once, with one
+    plain model, into the unfused trials' cache; each member replays its epochs and then
+    computes what its unfused trial computes from the same cache."""
+    configs = _configs("dro_lt", seed=0)
+    assert len({str(cfg.stage1_key()) for cfg in configs}) == 1
+    cache = tmp_path / "stage1_cache"
+    trained = _count_stage1_trainings(monkeypatch)
+    fused_states: dict[tuple[int, int], dict] = {}
+    replay_snapshots = []
+
+    def keep(member, metrics, snapshot):
+        state = snapshot()
+        if metrics["replayed"]:
+            replay_snapshots.append(state)
+        else:
+            fused_states[member, metrics["epoch"]] = state["model"]
+
+    fused = run_trials(configs, on_epoch=keep, cache_dir=str(cache))
+    assert len(trained) == 1 and len(list(cache.glob("*.pt"))) == 1
+    stage1_epochs = configs[0].stage1.epochs
+    for result in fused:
+        rows = result["history"]
+        assert [row["replayed"] for row in rows] == [True] * stage1_epochs + [False] * (
+            len(rows) - stage1_epochs)
+        assert all(row["train_seconds"] == 0.0 for row in rows[:stage1_epochs])
+    # a replayed epoch's snapshot is the cache's replay state: nothing to checkpoint
+    assert len(replay_snapshots) == stage1_epochs * len(configs)
+    assert all(CachedStage1.is_replay(state) for state in replay_snapshots)
+    for k, cfg in enumerate(configs):
+        states: dict[int, dict] = {}
+        alone = run_trial(cfg, cache_dir=str(cache), on_epoch=lambda m, snap, states=states: (
+            states.setdefault(m["epoch"], {n: v.clone() for n, v in snap()["model"].items()})
+            if not m["replayed"] else None))
+        assert [row["replayed"] for row in alone["history"]] == [
+            row["replayed"] for row in fused[k]["history"]]
+        for name, value in states[max(states)].items():
+            torch.testing.assert_close(_last_weights(fused_states, k)[name], value, rtol=1e-4,
+                                       atol=1e-5, msg=lambda m, n=name, k=k: f"member {k} {n}: {m}")
+        for fused_row, alone_row in zip(fused[k]["history"], alone["history"], strict=True):
+            assert fused_row["train_loss"] == pytest.approx(alone_row["train_loss"], rel=1e-4)
+            assert fused_row["val_all"] == pytest.approx(alone_row["val_all"], abs=0.02)
+        assert fused[k]["test"]["all"] == pytest.approx(alone["test"]["all"], abs=0.02)
+        assert fused[k]["diagnostics"]["radii"] == pytest.approx(alone["diagnostics"]["radii"],
+                                                                rel=1e-4, abs=1e-6)
+        assert fused[k]["diagnostics"]["weight_norms"]["stage1"] == pytest.approx(
+            alone["diagnostics"]["weight_norms"]["stage1"], rel=1e-5)
+    assert len(trained) == 1  # the unfused trials hit the fused run's entry
+
+
+def test_members_with_different_stage1_keys_train_their_stage1_fused(tmp_path, monkeypatch):
+    trained = _count_stage1_trainings(monkeypatch)
+    results = run_trials(_configs("dro_lt")[:2], cache_dir=str(tmp_path / "cache"))
+    assert trained == [] and not (tmp_path / "cache").exists()
+    assert not any(row["replayed"] for result in results for row in result["history"])
+
+
+# ---------------------------------------------------------------- resume from checkpoints
+def _close_norms(got: dict, want: dict) -> bool:
+    for stage in ("stage1", "final"):
+        assert got["diagnostics"]["weight_norms"][stage] == pytest.approx(
+            want["diagnostics"]["weight_norms"][stage], rel=1e-5), stage
+    return True
+
+
+def _timeless(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if "second" not in k} for row in history]
+
+
+@pytest.mark.parametrize("method,stops", [("dro_lt", (2, 3, 5)), ("wb", (3,))])
+def test_members_resumed_from_their_checkpoints_end_as_if_uninterrupted(method, stops):
+    """Checkpoints (round-tripped through torch.save / weights_only load) taken mid stage 1, at
+    its end, mid DRO and mid classifier phase: resumed, every member ends where the
+    uninterrupted fused run ends."""
+    lengths = {"epochs": 2, "cls_epochs": 2, **({"dro_epochs": 2} if method == "dro_lt" else {})}
+    configs = _configs(method, **lengths)
+    checkpoints: dict[int, list] = {epoch: [None] * len(configs) for epoch in stops}
+    finals: dict[tuple[int, int], dict] = {}
+
+    def keep(member, metrics, snapshot, finals=finals):
+        if metrics["epoch"] in checkpoints and finals is not None:
+            buffer = io.BytesIO()
+            torch.save(snapshot(), buffer)
+            buffer.seek(0)
+            checkpoints[metrics["epoch"]][member] = torch.load(buffer, weights_only=True)
+        if metrics["epoch"] == configs[member].total_epochs:
+            finals[member] = snapshot()["model"]
+
+    whole = run_trials(configs, on_epoch=keep)
+    for epoch in stops:
+        assert all(state[MEMBER_CHECKPOINT] for state in checkpoints[epoch])
+        resumed_finals: dict[int, dict] = {}
+        seen: list[int] = []
+
+        def after_resume(member, metrics, snapshot, resumed_finals=resumed_finals, seen=seen):
+            seen.append(metrics["epoch"])
+            if metrics["epoch"] == configs[member].total_epochs:
+                resumed_finals[member] = snapshot()["model"]
+
+        resumed = run_trials(configs, on_epoch=after_resume, resume=checkpoints[epoch])
+        assert min(seen) == epoch + 1  # it continued, it did not start again
+        for k in range(len(configs)):
+            assert resumed[k]["status"] == whole[k]["status"] == "completed"
+            for name, value in finals[k].items():
+                torch.testing.assert_close(resumed_finals[k][name], value, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, n=name, k=k, e=epoch: f"{e} {k} {n}: {m}")
+            for got, want in zip(_timeless(resumed[k]["history"]),
+                                 _timeless(whole[k]["history"]), strict=True):
+                assert got.keys() == want.keys()
+                for key, value in want.items():
+                    expected = pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True) if (
+                        isinstance(value, float)) else value
+                    assert got[key] == expected, (epoch, k, key)
+            assert resumed[k]["test"] == whole[k]["test"]
+            radii = whole[k]["diagnostics"]["radii"]
+            assert resumed[k]["diagnostics"]["radii"] == (
+                radii if radii is None else pytest.approx(radii, rel=1e-5))
+            assert resumed[k]["diagnostics"]["weight_norms"] == whole[k]["diagnostics"][
+                "weight_norms"] or _close_norms(resumed[k], whole[k])
+
+
+def test_members_at_different_positions_are_not_resumed_together():
+    """train_fused runs members at different positions as separate groups; mixing them in one
+    fused run would train one of them on the other's phase."""
+    configs = _configs("ce")[:2]
+    with pytest.raises(ValueError, match="one position"):
+        FusedRunner(configs, resume=[{"phase_index": 0, "phase_epoch": 1},
+                                     {"phase_index": 1, "phase_epoch": 1}]).run()

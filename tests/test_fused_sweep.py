@@ -37,6 +37,12 @@ def test_each_member_of_a_fused_sweep_is_a_trial_of_its_own(tmp_path: Path) -> N
     group = keys[0].rsplit("-", 1)[0]
     assert keys == [f"{group}-{i}" for i in range(4)]  # one Tune trial, four members
     statuses = {e.key: e.status for e in entries}
+    # dro_lt trials share one stage 1: trained once into the sweep's stage-1 cache, then
+    # reported `replayed` by every member, as unfused trials that hit the cache report it
+    assert len(list((storage / "stage1_cache").glob("*.pt"))) == 1
+    for entry in entries:
+        assert [row["replayed"] for row in entry.history[:8]] == [True] * 8, entry.key
+        assert not any(row["replayed"] for row in entry.history[8:]), entry.key
     assert set(statuses.values()) <= {Status.COMPLETED, Status.STOPPED_EARLY}
     # per-member ASHA: rungs at epochs 9, 10, 12 (grace 1 after the 8 stage-1 epochs)
     stopped = [e for e in entries if e.status is Status.STOPPED_EARLY]

@@ -306,8 +306,11 @@ class CachedStage1:
     def takes(self, resume: dict[str, Any] | None) -> bool:
         return resume is None or self.is_replay(resume)
 
-    def run(self, trial: TrialRunner, index: int, spec: PhaseSpec,
-            resume: dict[str, Any] | None) -> str:
+    def obtain(self, trial: TrialRunner, index: int,
+               spec: PhaseSpec) -> tuple[dict[str, Any], bool]:
+        """(payload, hit): `trial`'s stage 1 (phase `index`, built as `spec`) from the cache, or
+        trained into it with `trial`'s model on a miss; `trial.model` holds its weights either
+        way. The fused runner (trainables.fused) obtains its members' shared stage 1 here."""
         def train() -> dict[str, Any]:
             with torch_threads(self.threads):
                 status = trial.train_phase(index, spec, None)
@@ -317,28 +320,36 @@ class CachedStage1:
         payload, hit = self.cache.get_or_train(trial.config.stage1_key(), train)
         if hit:
             trial.model.load_state_dict(payload["model"])
+        return payload, hit
+
+    def run(self, trial: TrialRunner, index: int, spec: PhaseSpec,
+            resume: dict[str, Any] | None) -> str:
+        payload, hit = self.obtain(trial, index, spec)
+        if hit:
             self._replay(trial, index, payload["history"], resume["phase_epoch"] if resume else 0)
         return payload["status"]
+
+    @staticmethod
+    def replayed(metrics: dict[str, Any]) -> dict[str, Any]:
+        """A cached stage-1 epoch as a trial reports it again: marked `replayed`, no time spent."""
+        return {**metrics, "replayed": True, "epoch_seconds": 0.0, "train_seconds": 0.0,
+                "images_per_second": 0.0}
+
+    @staticmethod
+    def replay_state(index: int, phase_epoch: int,
+                     history: list[dict[str, Any]]) -> dict[str, Any]:
+        """The snapshot of a replayed epoch: no training state, only how far the replay got."""
+        return {"phase_index": index, "phase_epoch": phase_epoch, "stage1_from_cache": True,
+                "history": list(history)}
 
     def _replay(self, trial: TrialRunner, index: int, history: list[dict[str, Any]],
                 already: int) -> None:
         for position, metrics in enumerate(history):
-            replayed = {
-                **metrics,
-                "replayed": True,
-                "epoch_seconds": 0.0,
-                "train_seconds": 0.0,
-                "images_per_second": 0.0,
-            }
+            replayed = self.replayed(metrics)
             trial.history.append(replayed)
             if position < already or trial.on_epoch is None:
                 continue
-            state = {
-                "phase_index": index,
-                "phase_epoch": position + 1,
-                "stage1_from_cache": True,
-                "history": list(trial.history),
-            }
+            state = self.replay_state(index, position + 1, trial.history)
             trial.on_epoch(replayed, lambda state=state: state)
 
 

@@ -22,6 +22,8 @@ reaches, keyed by the trial key (the config's `trial_key`):
   replayed from the stage-1 cache are not checkpointed (a restart replays them at no cost). A
   retried trial (Tune, same driver) and a re-issued one (a resumed sweep, new Tuner) continue
   from it. It holds tensors and plain values only and loads with torch.load(weights_only=True).
+  A fused trial's members each have their own entry and checkpoint (`train_fused`), written at
+  one epoch boundary for the whole group; a member continues from its own.
 - end.json: a trial that completes or diverges writes its end before its last report, so a
   driver killed right after still finds it. A trial started with an end recorded replays it
   instead of training: a finished trial is never re-run.
@@ -33,7 +35,6 @@ can log epochs it lost (a driver killed outright loses the epochs it had not wri
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -56,6 +57,7 @@ from search.ledger import BACKFILL, MEMBER_ENDED, Ledger, Status
 from search.rungs import RungBook
 from trainables.config import TrialConfig
 from trainables.fused import run_trials
+from trainables.fused.runner import MEMBER_CHECKPOINT
 from trainables.pipeline import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
@@ -104,7 +106,8 @@ class EpochReporter:
     def __init__(self, total_epochs: int, runtime: TrialRuntime, node_id: str,
                  report: Callable[..., None], make_checkpoint: Callable[[Path], Any],
                  trial_key: str = "", resumed_from_epoch: int = 0,
-                 backfill: list[dict[str, Any]] | None = None, member: bool = False) -> None:
+                 backfill: list[dict[str, Any]] | None = None, member: bool = False,
+                 checkpoint_due: Callable[[Mapping[str, Any]], bool] | None = None) -> None:
         self.total_epochs = total_epochs
         self.runtime = runtime
         self.node_id = node_id
@@ -116,6 +119,9 @@ class EpochReporter:
         self.pending: dict[str, Any] | None = None  # the last epoch, reported by finish()
         # a fused member: its end is a result of a Tune trial that goes on (MEMBER_ENDED)
         self.ended = {MEMBER_ENDED: True} if member else {}
+        # a fused member's checkpoints are spaced for its whole group (train_fused), not by
+        # this reporter's own clock
+        self._checkpoint_due = checkpoint_due
         self._started = self._last_checkpoint = time.monotonic()
 
     def on_epoch(self, metrics: dict[str, Any], snapshot: Callable[[], dict[str, Any]]) -> None:
@@ -123,8 +129,13 @@ class EpochReporter:
         if result["epoch"] >= self.total_epochs or result["diverged"]:
             self.pending = result  # reported with the outcome once run_trial returns
             return
-        due = time.monotonic() - self._last_checkpoint >= self.runtime.checkpoint_interval_s
-        if due and not result["replayed"]:
+        if result["replayed"]:
+            due = False
+        elif self._checkpoint_due is not None:
+            due = self._checkpoint_due(result)
+        else:
+            due = time.monotonic() - self._last_checkpoint >= self.runtime.checkpoint_interval_s
+        if due:
             with tempfile.TemporaryDirectory(prefix="tailtune-ckpt-") as folder:
                 torch.save(snapshot(), Path(folder) / CHECKPOINT_FILE)
                 # report() persists the checkpoint to the Tune storage before it returns
@@ -236,6 +247,8 @@ def train_trial(config: dict[str, Any], runtime: TrialRuntime | None = None) -> 
     if ledger is not None:
         checkpoint = ledger.checkpoint_path(trial_key)
         resume = load_checkpoint(checkpoint)
+        if resume is not None and resume.get(MEMBER_CHECKPOINT):
+            resume = None  # a fused member's state (train_fused), not the pipeline's
         make_checkpoint = partial(save_checkpoint, path=checkpoint)
     history = (resume or {}).get("history") or []
     resumed_from = int(history[-1]["epoch"]) if history else 0
@@ -272,8 +285,17 @@ def train_fused(config: dict[str, Any], runtime: TrialRuntime) -> None:
     end to the ledger and is judged at ASHA's rungs on its own (search.rungs); a member that
     ended before (a retried trial) reports that end again and is not trained.
 
-    Fused members keep no checkpoints: a retried or resumed member trains again from its first
-    epoch (its ended members, never)."""
+    Members sharing one stage 1 obtain it from the sweep's stage-1 cache (`runtime.cache_dir`,
+    `stage1_threads`), as unfused trials do; its epochs are reported `replayed`, which ASHA's
+    rungs do not judge and which are not checkpointed.
+
+    Checkpoints: each live member's state (`FusedRunner._checkpoint`) is saved to its own ledger
+    entry (`Ledger.checkpoint_path(member key)`, atomically), every member at the same epoch
+    boundary, spaced by `checkpoint_interval_s` measured for the whole group. A retried or
+    re-issued member continues from its checkpoint: its first report carries its earlier epochs
+    (`backfill`) and `resumed_from_epoch`. Members whose checkpoints are at one position (phase,
+    epoch; no checkpoint: the start) are resumed as one fused run; members at different
+    positions run as separate fused runs, one after another."""
     ledger = Ledger(runtime.sweep_dir)
     live = []
     for member in config[MEMBERS]:
@@ -287,18 +309,60 @@ def train_fused(config: dict[str, Any], runtime: TrialRuntime) -> None:
         return
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
-    trials = [TrialConfig.from_dict(member["trial"]) for member in live]
-    quiet = dataclasses.replace(runtime, checkpoint_interval_s=math.inf)
+    groups: dict[tuple[int, int] | None, list[tuple[dict[str, Any], dict | None]]] = {}
+    for member in live:
+        state = load_checkpoint(ledger.checkpoint_path(member[KEY]))
+        if state is not None and not state.get(MEMBER_CHECKPOINT):
+            state = None  # an unfused trial's snapshot: not a member's state
+        position = None if state is None else (state["phase_index"], state["phase_epoch"])
+        groups.setdefault(position, []).append((member, state))
     node = ray.get_runtime_context().get_node_id()
-    reporters = [EpochReporter(trial.total_epochs, quiet, node, report=_tune_report,
-                               make_checkpoint=_no_checkpoint, trial_key=member[KEY],
-                               member=True)
-                 for trial, member in zip(trials, live, strict=True)]
     rungs = RungBook(ledger, runtime.rungs, runtime.reduction_factor)
+    for group in groups.values():
+        _train_fused_group(group, runtime, ledger, rungs, node)
+
+
+class _GroupCheckpoints:
+    """One checkpoint clock for a fused run: due at an epoch boundary when
+    `checkpoint_interval_s` has passed, for every member at that epoch (they share it)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.last = time.monotonic()
+        self.epoch: int | None = None
+        self.due_now = False
+
+    def due(self, result: Mapping[str, Any]) -> bool:
+        epoch = int(result["epoch"])
+        if epoch != self.epoch:  # the first member reporting this epoch decides for all
+            self.epoch = epoch
+            self.due_now = time.monotonic() - self.last >= self.interval_s
+            if self.due_now:
+                self.last = time.monotonic()
+        return self.due_now
+
+
+def _train_fused_group(group: list[tuple[dict[str, Any], dict | None]], runtime: TrialRuntime,
+                       ledger: Ledger, rungs: RungBook, node: str) -> None:
+    """Members at one position (see train_fused) as one fused run."""
+    live = [member for member, _ in group]
+    states = [state for _, state in group]
+    trials = [TrialConfig.from_dict(member["trial"]) for member in live]
+    clock = _GroupCheckpoints(runtime.checkpoint_interval_s)
+    reporters = []
+    for trial, member, state in zip(trials, live, states, strict=True):
+        history = (state or {}).get("history") or []
+        reporters.append(EpochReporter(
+            trial.total_epochs, runtime, node, report=_tune_report,
+            make_checkpoint=partial(save_checkpoint, path=ledger.checkpoint_path(member[KEY])),
+            trial_key=member[KEY], member=True, checkpoint_due=clock.due,
+            resumed_from_epoch=int(history[-1]["epoch"]) if history else 0,
+            backfill=[epoch_entry(m) for m in history]))
 
     def on_epoch(k: int, metrics: dict[str, Any], snapshot: Callable[[], dict]) -> bool:
         last = metrics["epoch"] >= trials[k].total_epochs or bool(metrics.get("diverged"))
-        if not last and rungs.judge(live[k][KEY], int(metrics["epoch"]), metrics["val_all"]):
+        if not last and not metrics.get("replayed") and rungs.judge(
+                live[k][KEY], int(metrics["epoch"]), metrics["val_all"]):
             reporters[k].stop(metrics, snapshot()["history"])
             return True  # it leaves the fused model at this epoch's end
         reporters[k].on_epoch(metrics, snapshot)
@@ -308,7 +372,9 @@ def train_fused(config: dict[str, Any], runtime: TrialRuntime) -> None:
         if outcome["status"] in ("completed", "diverged"):  # a stopped one ended at its rung
             reporters[k].finish(outcome)
 
-    run_trials(trials, on_epoch=on_epoch, on_leave=on_leave)
+    run_trials(trials, on_epoch=on_epoch, on_leave=on_leave, cache_dir=runtime.cache_dir,
+               stage1_threads=runtime.stage1_threads,
+               resume=states if any(state is not None for state in states) else None)
 
 
 def _tune_report(result: dict[str, Any], checkpoint: Any = None) -> None:

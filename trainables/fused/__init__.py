@@ -46,12 +46,27 @@ decay and momentum, and per-member masks for parameters a member does not train 
 classifier, fixed radii). The DRO loss runs under vmap through
 `trainables.losses.dro_loss_unchecked` (the temperature is a per-member tensor there).
 
-Not in the fused path (yet): the stage-1 cache (members train their own stage 1; fusing
-replaces the sharing), resume from a snapshot, methods with a stage-1 loss or a post-hoc step of
-their own (logit adjustment), the L2-normalised classifier (`cls_norm l2`), channels-last on
-CUDA. Every TrialConfig read is in `members.py`. In a sweep (`--fuse K`), trainables.tune
-trains a fused Tune trial's members with `on_epoch` (ASHA per member: search.rungs) and
-`on_leave` (each member's end in the ledger the moment it leaves).
+Stage-1 cache (`run_trials(..., cache_dir=, stage1_threads=)`, as `run_trial` takes them): when
+every member has the same `config.stage1_key()`, stage 1 is obtained through the unfused
+pipeline's own `CachedStage1.obtain`: trained once into the cache with the plain model of the
+first member's unfused trial (the same seed and key as every member's), or loaded on a hit; the
+weights are loaded into every member's slot and every member reports the cached epochs
+`replayed`, as an unfused trial does on a hit (the fused run's stage 1 is never reported live,
+even when it trained the entry). Members with different stage-1 keys are not grouped by key:
+they train their stage 1s fused, without the cache.
+
+Resume (`run_trials(..., resume=[checkpoint or None per member])`): on_epoch's `snapshot()` is
+a member's checkpoint (`FusedRunner._checkpoint`: weights and BN statistics, raw radii, its
+momentum slices, its loader's generator state, the position (phase, epochs done), history,
+diagnostics; tensors and plain values only). Members resumed together must be at one position;
+they continue as if uninterrupted (tests/test_fused.py checks the end weights and metrics).
+
+Not in the fused path (yet): methods with a stage-1 loss or a post-hoc step of their own (logit
+adjustment), the L2-normalised classifier (`cls_norm l2`), channels-last on CUDA. Every
+TrialConfig read is in `members.py`. In a sweep (`--fuse K`), trainables.tune trains a fused
+Tune trial's members with `on_epoch` (ASHA per member: search.rungs; checkpoints to each
+member's ledger entry), `on_leave` (each member's end in the ledger the moment it leaves) and
+the sweep's stage-1 cache.
 """
 
 from trainables.fused.runner import FusedOnEpoch, FusedRunner, OnLeave, run_trials

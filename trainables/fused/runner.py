@@ -39,13 +39,14 @@ from trainables.fused.sgd import SGDGroup, StackedSGD
 from trainables.fused.stack import StackedModel
 from trainables.losses import dro_loss_unchecked, make_radii
 from trainables.models import create_model
-from trainables.phases import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, ncm_due
-from trainables.pipeline import ncm_from_history, resolve_device
+from trainables.phases import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, PHASES, ncm_due
+from trainables.pipeline import CachedStage1, TrialRunner, ncm_from_history, resolve_device
 from trainables.schedules import lr_factor
 
 # on_epoch(member, metrics, snapshot) -> True to stop that member at this epoch boundary.
 # `member` is the configuration's position in `run_trials(configs)`; `snapshot()` returns the
-# member's model state_dict, radii, history and diagnostics (a checkpoint of the member).
+# member's checkpoint (`FusedRunner._checkpoint`: what `resume=` continues it from), or, for a
+# stage-1 epoch replayed from the cache, `CachedStage1.replay_state` (nothing to continue from).
 FusedOnEpoch = Callable[[int, dict[str, Any], Callable[[], dict[str, Any]]], bool | None]
 # on_step(runner, info): after the backward pass, before the update (the equivalence tests'
 # probe); info has phase, epoch, step, inputs [K, B, ...], targets [K, B], losses [K].
@@ -53,6 +54,8 @@ OnStep = Callable[["FusedRunner", dict[str, Any]], None]
 # on_leave(member, result): the member's final result (run_trial's shape), the moment it leaves
 # the fused model (completed, diverged or stopped), not when the whole run ends.
 OnLeave = Callable[[int, dict[str, Any]], None]
+# Marks a fused member's checkpoint (an unfused trial's snapshot is another format).
+MEMBER_CHECKPOINT = "fused_member"
 
 
 @dataclass
@@ -86,8 +89,14 @@ def _stay_diverged(losses: torch.Tensor) -> list[bool]:
 
 class FusedRunner:
     def __init__(self, configs: list[TrialConfig], on_epoch: FusedOnEpoch | None = None,
-                 on_step: OnStep | None = None, on_leave: OnLeave | None = None) -> None:
+                 on_step: OnStep | None = None, on_leave: OnLeave | None = None,
+                 cache_dir: str | None = None, stage1_threads: int | None = None,
+                 resume: list[dict[str, Any] | None] | None = None) -> None:
         check_fusable(configs)
+        # the unfused trials' stage-1 cache: one stage 1 for members that share it (run())
+        self.stage1_cache = (CachedStage1(cache_dir, stage1_threads) if cache_dir is not None
+                             else None)
+        self.resume = resume
         self.on_step = on_step
         self.on_leave = on_leave
         shared = self.shared = shared_settings(configs[0])
@@ -122,20 +131,34 @@ class FusedRunner:
         self._fresh_clean: torch.Tensor | None = None
         self.sgd = StackedSGD()
         self.finished: list[Member] = []
+        # where the running phase is (phase index, epochs done) and its members' loaders: what
+        # a member's checkpoint records
+        self.position = (0, 0)
+        self.loaders: dict[int, Any] = {}
+        # a mid-phase resume: the stacked momentum and each member's loader state (_restore)
+        self._resume_momentum: dict[str, torch.Tensor] = {}
+        self._resume_loaders: dict[int, torch.Tensor | None] = {}
 
     # ---------------------------------------------------------------- entry
     def run(self) -> list[dict[str, Any]]:
+        start, start_epoch = self._restore(self.resume)
         for index, (phase, _epochs) in enumerate(self.plan):
+            if index < start:
+                continue
             if not self.members:
                 break
+            first = start_epoch if index == start else 0
             if phase == "stage1":
-                self._train_phase(index, self._stage1_phase())
+                if first == 0 and self._shares_cached_stage1():
+                    self._cached_stage1(index)
+                else:
+                    self._train_phase(index, self._stage1_phase(), first)
                 if self.members:
                     self._after_stage1(self.members, self.stack, list(range(len(self.members))))
             elif phase == "dro":
-                self._train_phase(index, self._dro_phase())
+                self._train_phase(index, self._dro_phase(), first)
             else:
-                self._train_phase(index, self._classifier_phase())
+                self._train_phase(index, self._classifier_phase(resumed=first > 0), first)
         if self.members:
             self._tau_normalise()
             self._leave(list(range(len(self.members))), "completed")
@@ -143,6 +166,78 @@ class FusedRunner:
 
     def _epochs(self, phase: str) -> int:
         return dict(self.plan)[phase]
+
+    # ---------------------------------------------------------------- resume
+    def _restore(self, states: list[dict[str, Any] | None] | None) -> tuple[int, int]:
+        """Load the members' checkpoints (`_checkpoint`'s, all at one position, or none);
+        (index of the first phase to run, its first epoch)."""
+        if states is None or all(state is None for state in states):
+            return 0, 0
+        if len(states) != len(self.members):
+            raise ValueError(f"{len(states)} resume states for {len(self.members)} members")
+        positions = {None if state is None else (state["phase_index"], state["phase_epoch"])
+                     for state in states}
+        if len(positions) != 1:
+            raise ValueError("members resumed together must be at one position (phase, epoch); "
+                             f"got {sorted(positions, key=str)}: run them as separate groups")
+        index, epoch = positions.pop()
+        with torch.no_grad():
+            for k, (member, state) in enumerate(zip(self.members, states, strict=True)):
+                self.stack.load_state_dict(k, state["model"])
+                if self.radii is not None:
+                    self.radii[k].copy_(state["radii"])  # the raw radii: learned ones included
+                member.history = list(state["history"])
+                member.diagnostics = dict(state["diagnostics"])
+        name, epochs = self.plan[index]
+        if epoch >= epochs:  # the phase finished: what follows it, then the next phase
+            if name == "stage1":
+                self._after_stage1(self.members, self.stack, list(range(len(self.members))))
+            return index + 1, 0
+        # mid-phase: the phase goes on with its momentum and each member's data stream, as the
+        # unfused trial's optimizer and loader state continue it (TrialRunner.train_phase)
+        self._resume_momentum = {
+            name: torch.stack([state["momentum"][name] for state in states]).to(self.device)
+            for name in states[0]["momentum"]}
+        self._resume_loaders = {m.index: state.get("loader_rng")
+                                for m, state in zip(self.members, states, strict=True)}
+        return index, epoch
+
+    # ---------------------------------------------------------------- stage 1 from the cache
+    def _shares_cached_stage1(self) -> bool:
+        """Whether stage 1 comes from the stage-1 cache: there is one and every member has the
+        same stage-1 key (members with different keys train their stage 1s fused)."""
+        if self.stage1_cache is None:
+            return False
+        first = self.members[0].config.stage1_key()
+        return all(m.config.stage1_key() == first for m in self.members[1:])
+
+    def _cached_stage1(self, index: int) -> None:
+        """Stage 1 as an unfused trial obtains it (`CachedStage1.obtain`): trained once, with
+        the plain model of the first member's unfused trial (same seed and key as every
+        member's), into the cache, or loaded on a hit; then loaded into every member's slot.
+        Every member reports the cached epochs `replayed`, as an unfused trial does on a hit."""
+        trial = TrialRunner(self.members[0].config)
+        payload, _hit = self.stage1_cache.obtain(trial, index, PHASES["stage1"].build(trial, None))
+        del trial  # its dataset and model: the payload holds what the members need
+        for k in range(len(self.members)):
+            self.stack.load_state_dict(k, payload["model"])
+        for position, cached in enumerate(payload["history"]):
+            if not self.members:
+                return
+            metrics = CachedStage1.replayed(cached)
+            leaving: dict[int, str] = {}
+            for k, member in enumerate(self.members):
+                member.history.append(dict(metrics))
+                stop = False
+                if self.on_epoch is not None:
+                    state = CachedStage1.replay_state(index, position + 1, member.history)
+                    stop = bool(self.on_epoch(member.index, dict(metrics),
+                                              lambda state=state: state))
+                if metrics.get("diverged"):
+                    leaving[k] = "diverged"
+                elif stop:
+                    leaving[k] = "stopped"
+            self._end_epoch(leaving, "stage1")
 
     # ---------------------------------------------------------------- per-member tensors
     def _values(self, read: Callable[[MemberHparams], Any], dtype=torch.float32) -> torch.Tensor:
@@ -289,14 +384,16 @@ class FusedRunner:
                                 labels, self.class_counts) for j in range(stack.size)]
 
     # ---------------------------------------------------------------- classifier
-    def _classifier_phase(self) -> Phase:
+    def _classifier_phase(self, resumed: bool = False) -> Phase:
+        """`resumed`: the phase continues from checkpoints, whose classifier is the trained one
+        (re-initialised before its first epoch) and whose MaxNorm radius is in diagnostics."""
         for k, member in enumerate(self.members):
             hp = member.hp
             if hp.maxnorm != "off" and member.diagnostics.get("maxnorm_radius") is None:
                 start = self.stack.classifier_weight[k].detach().norm(dim=1)
                 radius = hp.maxnorm_radius or relative_maxnorm_radius(start, hp.maxnorm_t)
                 member.diagnostics["maxnorm_radius"] = float(radius)
-            if hp.cls_reinit:
+            if hp.cls_reinit and not resumed:
                 self._reinit_classifier(k, member)
         self._cls_weights = torch.stack([
             effective_number_weights(self.class_counts, m.hp.cb_beta)
@@ -404,16 +501,24 @@ class FusedRunner:
         if "radii" in state:
             self.radii[k].copy_(state["radii"])
 
-    def _train_phase(self, index: int, phase: Phase) -> None:
+    def _train_phase(self, index: int, phase: Phase, first_epoch: int = 0) -> None:
+        """Train phase `index` from its epoch `first_epoch` (> 0: resumed, see _restore)."""
         self.sgd = StackedSGD()
-        loaders = {m.index: self.dataset.loader(
+        self.loaders = loaders = {m.index: self.dataset.loader(
             "train", batch_size=phase.batch_size, device=self.device, augment=True,
             sampler=getattr(m.hp, phase.key).sampler, shuffle=True,
             seed=m.hp.seed * PHASE_SEED_STRIDE + index) for m in self.members}
+        if first_epoch > 0:
+            self.sgd.momentum_buffers = self._resume_momentum
+            for member_index, state in self._resume_loaders.items():
+                if state is not None and hasattr(loaders[member_index], "set_generator_state"):
+                    loaders[member_index].set_generator_state(state)
+            self._resume_momentum, self._resume_loaders = {}, {}
         steps = max(len(next(iter(loaders.values()))), 1)
         offset = sum(epochs for _, epochs in self.plan[:index])
         check_each_step = self.device.type == "cpu"
-        for epoch in range(phase.epochs):
+        for epoch in range(first_epoch, phase.epochs):
+            self.position = (index, epoch + 1)
             if not self.members:
                 return
             epoch_started = time.perf_counter()
@@ -504,18 +609,35 @@ class FusedRunner:
                     leaving[k] = "diverged"
                 elif stop:
                     leaving[k] = "stopped"
-            if leaving:
-                for status in ("diverged", "stopped"):
-                    positions = [k for k, s in leaving.items() if s == status]
-                    if positions:
-                        self._leave(positions, status, phase.name)
-                keep = [k for k in range(size) if k not in leaving]
-                self._select(keep)
+            self._end_epoch(leaving, phase.name)
+
+    def _end_epoch(self, leaving: dict[int, str], phase: str) -> None:
+        """The members in `leaving` (position: status) leave at this epoch boundary."""
+        if not leaving:
+            return
+        for status in ("diverged", "stopped"):
+            positions = [k for k, s in leaving.items() if s == status]
+            if positions:
+                self._leave(positions, status, phase)
+        self._select([k for k in range(len(self.members)) if k not in leaving])
 
     def _checkpoint(self, k: int, member: Member) -> dict[str, Any]:
+        """Member k's checkpoint at this epoch boundary: everything `resume=` needs to continue
+        it as if uninterrupted (tensors and plain values only: it loads with weights_only).
+
+        The DRO centroids are not kept: every DRO epoch recomputes them from the weights
+        (_refresh_centroids); the learning rate is a function of the position (no scheduler)."""
+        loader = self.loaders.get(member.index)
+        index, phase_epoch = self.position
         return {
+            MEMBER_CHECKPOINT: True,
+            "phase_index": index,
+            "phase_epoch": phase_epoch,
             "model": self.stack.state_dict(k),
             "radii": self.radii[k].detach().clone() if self.radii is not None else None,
+            "momentum": {name: buf[k].clone() for name, buf in self.sgd.momentum_buffers.items()},
+            "loader_rng": loader.generator_state() if hasattr(loader, "generator_state")
+            else None,
             "history": list(member.history),
             "diagnostics": dict(member.diagnostics),
         }
@@ -613,8 +735,16 @@ def _row_norms(weight: torch.Tensor) -> torch.Tensor:
 
 def run_trials(configs: list[dict[str, Any] | TrialConfig],
                on_epoch: FusedOnEpoch | None = None,
-               on_leave: OnLeave | None = None) -> list[dict[str, Any]]:
+               on_leave: OnLeave | None = None,
+               cache_dir: str | None = None,
+               stage1_threads: int | None = None,
+               resume: list[dict[str, Any] | None] | None = None) -> list[dict[str, Any]]:
     """Train K configurations as one fused model; one result per configuration, in order,
-    each shaped as `trainables.pipeline.run_trial`'s (plus `fused`: size and position)."""
+    each shaped as `trainables.pipeline.run_trial`'s (plus `fused`: size and position).
+
+    `cache_dir`, `stage1_threads`: the stage-1 cache, as `run_trial` takes them (members sharing
+    one stage-1 key obtain it there). `resume`: one checkpoint (on_epoch's `snapshot()`) or None
+    per configuration, all at one position; the members continue from them."""
     parsed = [c if isinstance(c, TrialConfig) else TrialConfig.from_dict(c) for c in configs]
-    return FusedRunner(parsed, on_epoch, on_leave=on_leave).run()
+    return FusedRunner(parsed, on_epoch, on_leave=on_leave, cache_dir=cache_dir,
+                       stage1_threads=stage1_threads, resume=resume).run()

@@ -100,3 +100,14 @@ class StackedModel:
         state = self.member_state(k)
         merged = {**state["params"], **state["buffers"]}
         return {name[len(PREFIX):]: value for name, value in merged.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        """Load an unfused model's `state_dict()` (or `state_dict(k)`'s) into member k's slot."""
+        names = {PREFIX + name: value for name, value in state.items()}
+        missing = sorted((set(self.params) | set(self.buffers)) - set(names))
+        if missing:
+            raise KeyError(f"member state has no {', '.join(missing)}")
+        for name, value in names.items():
+            target = self.params.get(name)
+            (self.buffers[name] if target is None else target)[k].copy_(value)
