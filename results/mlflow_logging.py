@@ -67,6 +67,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from results.store import local_tracking_uri  # noqa: F401 (its home before results.store)
 from search.ledger import Status
 from trainables.evaluation import FEW_THRESHOLD, MANY_THRESHOLD
 
@@ -87,11 +88,6 @@ REPLAY_OMITTED = ("epoch_seconds", "train_seconds", "images_per_second", "fused_
 SEARCH_PREFIX = "search."  # params of the searched values as sampled (search.<dimension>)
 SEARCHED_TAG = "tailtune.searched"  # the searched dimensions of a trial, comma-separated
 VAL_IMAGES_TAG = "tailtune.val_images"  # the size of the (balanced) validation split
-
-
-def local_tracking_uri(folder: str | Path) -> str:
-    """The default local store: an SQLite file at an absolute path."""
-    return f"sqlite:///{Path(folder).expanduser().resolve() / 'mlflow.db'}"
 
 
 def group_of(count: int) -> str:

@@ -27,6 +27,12 @@ class StoreError(ValueError):
     """A local store that cannot be used; the message names the file and what is accepted."""
 
 
+def local_tracking_uri(folder: str | Path) -> str:
+    """The default local store: an SQLite file at an absolute path. Here, not in
+    results.mlflow_logging, so the sweep's checks name it without importing MLflow (seconds)."""
+    return f"sqlite:///{Path(folder).expanduser().resolve() / 'mlflow.db'}"
+
+
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a `sqlite:///` tracking URI (four slashes: absolute; three:
     relative to the working folder), or None for any other URI."""

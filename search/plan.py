@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from results.store import local_tracking_uri
 from search.ledger import Ledger
 from search.options import SWEEP_FILE, SweepOptions, UsageError
 from search.scheduler import plan_rungs
@@ -41,9 +42,6 @@ class SweepPlan:
 
     @property
     def tracking_uri(self) -> str:
-        # imported here: MLflow takes seconds to import, and bad input is refused before that
-        from results.mlflow_logging import local_tracking_uri
-
         return self.options.mlflow_uri or local_tracking_uri(self.options.storage)
 
     @property

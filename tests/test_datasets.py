@@ -10,11 +10,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from fakedata import write_cifar_archive
+from sklearn.datasets import load_digits
 
 from trainables.data import ArraySplit, DataError, LTDataset, build_dataset, dataset_names
+from trainables.datasets import digits
 from trainables.loader import DeviceLoader, random_crop
 
 CPU = torch.device("cpu")
@@ -172,6 +175,15 @@ def test_digits_lt_test_split_is_fixed_across_split_seeds():
     assert not torch.equal(first.splits["val"].images, second.splits["val"].images)
     paper = build_dataset("digits_lt", protocol="paper")
     assert torch.equal(paper.splits["val"].images, paper.splits["test"].images)
+
+
+def test_digits_are_read_as_scikit_learn_loads_them():
+    """digits_lt reads scikit-learn's digits file without importing sklearn.datasets (seconds
+    before Ray starts and in every trial); the arrays are load_digits' own."""
+    assert digits._digits_file() is not None
+    pixels, target = digits._digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.images) and np.array_equal(target, bunch.target)
 
 
 # --- DeviceLoader ---------------------------------------------------------------------------

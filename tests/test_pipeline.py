@@ -13,7 +13,7 @@ import torch
 
 from trainables.config import TrialConfig
 from trainables.evaluation import predict
-from trainables.models import create_model
+from trainables.models import create_model, memory_format
 from trainables.pipeline import TrialRunner, run_trial
 
 TINY = {"epochs": 4, "batch_size": 128, "dro_epochs": 2, "cls_epochs": 2}
@@ -38,6 +38,30 @@ def test_resnet32_matches_the_ldam_definition():
     assert torch.allclose(model.classifier(features), model(images))
     blocks_per_stage = sum(1 for name, _ in model.named_children() if name == "layers")
     assert blocks_per_stage == 1 and len(model.layers) == 15
+
+
+def test_channels_last_on_the_cpu_is_chosen_by_image_size_and_trains_the_same():
+    cpu = torch.device("cpu")
+    assert memory_format(cpu, 8) == torch.contiguous_format  # digits_lt, as the fused path
+    assert memory_format(cpu, 32) == torch.channels_last
+    assert memory_format(torch.device("cuda"), 8) == torch.channels_last
+    losses = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = create_model("resnet8", 10).to(memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        generator = torch.Generator().manual_seed(1)
+        losses[fmt] = []
+        for _ in range(3):
+            images = torch.randn(16, 3, 32, 32, generator=generator)
+            labels = torch.randint(0, 10, (16,), generator=generator)
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[fmt].append(loss.item())
+    assert losses[torch.channels_last] == pytest.approx(losses[torch.contiguous_format],
+                                                        rel=1e-5, abs=1e-5)
 
 
 def test_single_trial_command_learns_digits_and_prints_groups():

@@ -30,7 +30,7 @@ from trainables.evaluation import accuracy_report, predict
 from trainables.loop import EpochStats, train_epoch
 from trainables.losses import make_radii
 from trainables.methods import get_method
-from trainables.models import create_model
+from trainables.models import create_model, memory_format
 from trainables.normalised_classifier import normalise_classifier_
 from trainables.phases import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, PHASES, PhaseSpec
 from trainables.schedules import make_scheduler
@@ -75,8 +75,9 @@ class TrialRunner:
             config.stage1.model or self.dataset.default_model, self.dataset.num_classes,
             in_channels,
         ).to(self.device)
+        self.model = self.model.to(
+            memory_format=memory_format(self.device, self.dataset.image_size))
         if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
             # fixed input shapes: let cuDNN pick the fastest kernels once
             torch.backends.cudnn.benchmark = True
         self.radii = None

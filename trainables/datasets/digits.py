@@ -8,6 +8,10 @@ populated (1 / 6 / 3 classes) and the tail class still has a handful of images.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -20,13 +24,36 @@ VAL_PER_CLASS = 30
 DEFAULT_IMBALANCE = 10.0
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+def _digits_file() -> Path | None:
+    """scikit-learn's digits.csv.gz (what `load_digits` reads), found without importing
+    scikit-learn: `sklearn.datasets` takes seconds to import, in the driver before Ray starts and
+    in every trial process. None where it is not there (then `load_digits` is used)."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package; runs none of its code
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8] float 0..16, labels [1797]) as `sklearn.datasets.load_digits`."""
+    path = _digits_file()
+    if path is not None:
+        with gzip.open(path, "rt") as text:
+            data = np.loadtxt(text, delimiter=",")  # 64 pixels then the label, per row
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    from sklearn.datasets import load_digits  # seconds to import: only where the file is not
 
     bunch = load_digits()
+    return bunch.images, bunch.target
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    pixels, target = _digits_arrays()
     # pixel values are 0..16; scale to the uint8 range the loader expects
-    images = (bunch.images * 15).round().astype(np.uint8)[:, None, :, :]
-    return images, bunch.target.astype(np.int64)
+    images = (pixels * 15).round().astype(np.uint8)[:, None, :, :]
+    return images, target.astype(np.int64)
 
 
 @register_dataset("digits_lt", scale="tiny", n_max=N_MAX, default_model="resnet32")
