@@ -84,7 +84,7 @@ GROUPS = ("all", "many", "medium", "few")
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 # A replayed epoch (stage 1 from the cache) was not trained by this trial: it has no timing of
 # its own, so these are not logged for it (a 0 would read as a stalled trial).
-REPLAY_OMITTED = ("epoch_seconds", "train_seconds", "images_per_second", "fused_members")
+REPLAY_OMITTED = ("epoch_seconds", "train_seconds", "images_per_second")
 SEARCH_PREFIX = "search."  # params of the searched values as sampled (search.<dimension>)
 SEARCHED_TAG = "tailtune.searched"  # the searched dimensions of a trial, comma-separated
 VAL_IMAGES_TAG = "tailtune.val_images"  # the size of the (balanced) validation split

@@ -73,7 +73,7 @@ class SweepOptions:
     epochs: int | None = None
     gpus_per_trial: float | None = None
     cpus_per_trial: float = 1.0
-    fuse: int | None = None  # members per fused trial; None: search.sweep.fused_members decides
+    fuse: int | None = None  # members per fused trial; None: search.cluster.fit_resources decides
     max_failures: int = 2
     checkpoint_interval: float = 10.0
     address: str | None = None
