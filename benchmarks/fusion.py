@@ -214,6 +214,13 @@ def _load() -> str:
         return "unknown"
 
 
+def _machine(setup: str, load_before: str, protocol: str) -> str:
+    """The line under a table: machine, `setup` (closing its parenthesis), load, `protocol`."""
+    return (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} logical CPUs, "
+            f"torch {torch.__version__}{setup}; load average (1/5/15 min) before "
+            f"{load_before}, after {_load()}; {protocol}")
+
+
 def _write(args: argparse.Namespace, rows: list, device: torch.device, load_before: str,
            elapsed: float) -> None:
     """Print and save the table so far (a run cut short still leaves its rows)."""
@@ -227,11 +234,9 @@ def _write(args: argparse.Namespace, rows: list, device: torch.device, load_befo
             cells += [f"{rates[mode] / rates['sequential']:.2f}x"
                       for mode in args.modes if mode != "sequential"]
         lines.append("| " + " | ".join(cells) + " |")
-    machine = (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} logical CPUs, "
-               f"torch {torch.__version__}, {torch.get_num_threads()} threads), device "
-               f"{device}; load average (1/5/15 min) before {load_before}, after {_load()}; "
-               f"{args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats}, "
-               f"modes interleaved; took {elapsed:.0f} s")
+    machine = _machine(f", {torch.get_num_threads()} threads), device {device}", load_before,
+                       f"{args.warmup} warm-up + {args.steps} timed steps, median of "
+                       f"{args.repeats}, modes interleaved; took {elapsed:.0f} s")
     table = "\n".join(lines)
     print(table)
     print(machine, flush=True)
@@ -273,10 +278,8 @@ def compare_sweeps(spaces: list[str], fuse: int, repeats: int, out: str) -> None
                          f"({min(walls):.1f}-{max(walls):.1f}) | {ratio} | "
                          f"{statistics.median(r['overhead_share'] for r in rows):.1%} | "
                          f"{rows[-1]['trials']} |")
-    machine = (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} logical CPUs, "
-               f"torch {torch.__version__}); load average (1/5/15 min) before {load_before}, "
-               f"after {_load()}; {repeats} runs of each, interleaved; took "
-               f"{time.perf_counter() - started:.0f} s")
+    machine = _machine(")", load_before, f"{repeats} runs of each, interleaved; took "
+                       f"{time.perf_counter() - started:.0f} s")
     table = "\n".join(lines)
     print(table)
     print(machine, flush=True)

@@ -227,16 +227,12 @@ class FusedRunner:
             metrics = CachedStage1.replayed(cached)
             leaving: dict[int, str] = {}
             for k, member in enumerate(self.members):
-                member.history.append(dict(metrics))
-                stop = False
-                if self.on_epoch is not None:
-                    state = CachedStage1.replay_state(index, position + 1, member.history)
-                    stop = bool(self.on_epoch(member.index, dict(metrics),
-                                              lambda state=state: state))
-                if metrics.get("diverged"):
-                    leaving[k] = "diverged"
-                elif stop:
-                    leaving[k] = "stopped"
+                verdict = self._epoch_ended(
+                    member, dict(metrics), bool(metrics.get("diverged")),
+                    lambda member=member, epoch=position + 1: CachedStage1.replay_state(
+                        index, epoch, member.history))
+                if verdict is not None:
+                    leaving[k] = verdict
             self._end_epoch(leaving, "stage1")
 
     # ---------------------------------------------------------------- per-member tensors
@@ -599,17 +595,20 @@ class FusedRunner:
                     "epoch_seconds": epoch_seconds,
                     "fused_members": size,
                 }
-                member.history.append(metrics)
-                stop = False
-                if self.on_epoch is not None:
-                    stop = bool(self.on_epoch(member.index, metrics,
-                                              lambda k=k, member=member: self._checkpoint(k,
-                                                                                          member)))
-                if diverged:
-                    leaving[k] = "diverged"
-                elif stop:
-                    leaving[k] = "stopped"
+                verdict = self._epoch_ended(
+                    member, metrics, diverged,
+                    lambda k=k, member=member: self._checkpoint(k, member))
+                if verdict is not None:
+                    leaving[k] = verdict
             self._end_epoch(leaving, phase.name)
+
+    def _epoch_ended(self, member: Member, metrics: dict[str, Any], diverged: bool,
+                     snapshot: Callable[[], dict[str, Any]]) -> str | None:
+        """Member's epoch into its history and to on_epoch: "diverged", "stopped" (on_epoch
+        said so) or None (it trains on)."""
+        member.history.append(metrics)
+        stop = self.on_epoch is not None and bool(self.on_epoch(member.index, metrics, snapshot))
+        return "diverged" if diverged else "stopped" if stop else None
 
     def _end_epoch(self, leaving: dict[int, str], phase: str) -> None:
         """The members in `leaving` (position: status) leave at this epoch boundary."""
