@@ -57,7 +57,10 @@ class TrialRunner:
         resume_state: dict[str, Any] | None = None,
         cache_dir: str | None = None,
         stage1_threads: int | None = None,
+        dataset: Any = None,
     ) -> None:
+        """`dataset`: one already built from `config.data` (the fused runner's, whose stage 1
+        trains through this class), instead of building it again."""
         self.config = config
         self.method = get_method(config.method)
         self.on_epoch = on_epoch
@@ -65,8 +68,10 @@ class TrialRunner:
         self.stage1_cache = (CachedStage1(cache_dir, stage1_threads) if cache_dir is not None
                              else None)
         self.device = resolve_device(config.runtime.device)
-        data = asdict(config.data)  # the data section is the dataset's name and options
-        self.dataset = build_dataset(data.pop("dataset"), **data)
+        if dataset is None:
+            data = asdict(config.data)  # the data section is the dataset's name and options
+            dataset = build_dataset(data.pop("dataset"), **data)
+        self.dataset = dataset
         self.class_counts = self.dataset.class_counts
         self.autocast = config.runtime.amp and self.device.type == "cuda"
         torch.manual_seed(config.runtime.seed)

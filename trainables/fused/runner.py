@@ -216,9 +216,9 @@ class FusedRunner:
         the plain model of the first member's unfused trial (same seed and key as every
         member's), into the cache, or loaded on a hit; then loaded into every member's slot.
         Every member reports the cached epochs `replayed`, as an unfused trial does on a hit."""
-        trial = TrialRunner(self.members[0].config)
+        trial = TrialRunner(self.members[0].config, dataset=self.dataset)  # the members' data
         payload, _hit = self.stage1_cache.obtain(trial, index, PHASES["stage1"].build(trial, None))
-        del trial  # its dataset and model: the payload holds what the members need
+        del trial  # its model: the payload holds what the members need
         for k in range(len(self.members)):
             self.stack.load_state_dict(k, payload["model"])
         for position, cached in enumerate(payload["history"]):
