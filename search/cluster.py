@@ -91,6 +91,11 @@ def connect(address: str | None) -> dict[str, float]:
     """
     # Ray's new console output ignores verbose=0; the sweep prints its own progress.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A trial's error reaches the user through Tune (its ledger entry, the sweep's one-line
+    # reason). The futures Tune drops when it stops a sweep early (the disk is full) would print
+    # the same error again, as a worker traceback, whenever the driver collects them. Ray only
+    # asks whether the variable exists.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if address is None and "ray" not in sys.modules:  # Ray reads these once, at import
         os.environ.update(local_auth_settings())
     import ray

@@ -244,6 +244,51 @@ def _gcs_running() -> bool:
     return False
 
 
+# ---------------------------------------------------------------- what the driver prints
+# A task's error that nobody fetched, in a driver after connect(None) and then with Ray's own
+# default (the control: that the probe provokes the message at all).
+DROPPED_ERROR = """
+import gc, os, sys, time
+from search.cluster import connect
+connect(None)
+import ray
+
+@ray.remote
+def fail():
+    raise ZeroDivisionError("dropped on purpose")
+
+def drop():
+    ref = fail.remote()
+    time.sleep(2)  # finished, never fetched (ray.wait would count as fetching)
+    del ref
+    gc.collect()
+    time.sleep(2)
+
+drop()
+print("-- RAY DEFAULT --", file=sys.stderr, flush=True)
+os.environ.pop("RAY_IGNORE_UNHANDLED_ERRORS", None)
+drop()
+ray.shutdown()
+"""
+
+
+def test_a_trial_error_tune_dropped_prints_no_worker_traceback(ray_tmp: Path) -> None:
+    # What a sweep stopped early (the disk is full) left on its stderr: a page of worker
+    # traceback for each trial future Tune had not fetched, after the one-line reason.
+    marker = uuid.uuid4().hex
+    try:
+        done = subprocess.run([sys.executable, "-c", DROPPED_ERROR], cwd=REPO, text=True,
+                              env=_env(marker, ray_tmp), capture_output=True, timeout=180,
+                              start_new_session=True)
+    finally:
+        _kill_marked(marker)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, _, default = done.stderr.partition("-- RAY DEFAULT --")
+    assert "Unhandled error" in default and "dropped on purpose" in default, \
+        f"the probe no longer provokes Ray's unhandled-error message:\n{done.stderr[-3000:]}"
+    assert "dropped on purpose" not in ours and "Traceback" not in ours, ours[-3000:]
+
+
 # ---------------------------------------------------------------- always a Ray of its own
 def test_a_local_connect_ignores_a_stale_ray_current_cluster(ray_tmp: Path,
                                                              tmp_path: Path) -> None:
