@@ -11,8 +11,8 @@ Fused (`fuse` > 1): each Tune trial is a group, `{"members": [K member configs],
 that trainables.tune trains as one fused model. Every member is asked, recorded and re-issued
 exactly as an unfused trial is (its own Optuna trial and ledger entry, key `<group>-<i>`); a
 member that cannot share a fused model with the group's first (another shape: model, batch
-sizes, phase plan) waits for the next group; one that cannot be fused at all (a classifier the
-fused path does not train, e.g. an L2-normalised one searched by `wb`) is a plain trial.
+sizes, phase plan) waits for the next group; one that cannot be fused at all (a method the
+fused path does not train, `la`) is a plain trial.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class LedgerSearch(Searcher):
             if member is None:
                 break
             if not members and not fusable(member["trial"], member["trial"]):
-                return member  # e.g. an L2-normalised classifier: trained unfused, alone
+                return member  # e.g. logit adjustment: trained unfused, alone
             if members and not fusable(members[0]["trial"], member["trial"]):
                 self._waiting.append(member)  # the next group starts with it
                 break

@@ -11,7 +11,8 @@ trial's: `torch.manual_seed(seed)` before `create_model`), data order (member k'
 as its unfused trial's, so each step trains it on the batch its trial trains on), lr, weight
 decay, momentum, schedule, DRO lambda / combine / eps / radius variant (erm, shared, count,
 learned) / temperature / centroid pass / CE weighting / frozen classifier, classifier loss (ce,
-cb, cb_bce) and beta, MaxNorm mode and radius, cRT re-initialisation, tau-norm.
+cb, cb_bce) and beta, MaxNorm mode and radius, cRT re-initialisation, an L2-normalised classifier
+(cls_norm l2, its scale learned or fixed: `StackedModel.normalise_classifier`), tau-norm.
 
 `on_epoch(member, metrics, snapshot)` sees every epoch of every live member; returning True
 stops that member. A member whose loss goes non-finite (checked every step on the CPU, once per
@@ -62,7 +63,7 @@ diagnostics; tensors and plain values only). Members resumed together must be at
 they continue as if uninterrupted (tests/test_fused.py checks the end weights and metrics).
 
 Not in the fused path (yet): methods with a stage-1 loss or a post-hoc step of their own (logit
-adjustment), the L2-normalised classifier (`cls_norm l2`), channels-last on CUDA. Every
+adjustment), channels-last on CUDA. Every
 TrialConfig read is in `members.py`. In a sweep (`--fuse K`), trainables.tune trains a fused
 Tune trial's members with `on_epoch` (ASHA per member: search.rungs; checkpoints to each
 member's ledger entry), `on_leave` (each member's end in the ledger the moment it leaves) and

@@ -46,6 +46,8 @@ class MemberHparams:
     classifier_mode: str  # none, retrain, tau_norm
     cls_reinit: bool
     cls_loss: str
+    cls_norm: str  # off, l2 (trainables.normalised_classifier)
+    cls_norm_scale: float | None  # None: learned
     cb_beta: float
     maxnorm: str
     maxnorm_radius: float | None
@@ -74,6 +76,8 @@ def member_hparams(cfg: TrialConfig) -> MemberHparams:
         classifier_mode=cls.mode,
         cls_reinit=cls.reinit,
         cls_loss=cls.loss,
+        cls_norm=cls.norm,
+        cls_norm_scale=cls.norm_scale,
         cb_beta=cls.cb_beta,
         maxnorm=cls.maxnorm,
         maxnorm_radius=cls.maxnorm_radius,
@@ -83,8 +87,7 @@ def member_hparams(cfg: TrialConfig) -> MemberHparams:
 
 
 # what fixes tensor shapes and the phase loop, beside the data section (by flat name)
-_SHAPE_FIELDS = ("model", "device", "amp", "batch_size", "dro_batch_size", "cls_batch_size",
-                 "cls_norm")
+_SHAPE_FIELDS = ("model", "device", "amp", "batch_size", "dro_batch_size", "cls_batch_size")
 
 
 def fusion_key(cfg: TrialConfig) -> dict[str, Any]:
@@ -133,9 +136,6 @@ def check_fusable(configs: list[TrialConfig]) -> None:
             raise ConfigError(f"configuration {position}: method {cfg.method} has its own "
                               "stage-1 loss or post-hoc step, which the fused path does not run; "
                               "accepted: ce, dro_lt, wb, dro_wb")
-        if cfg.classifier.norm != "off":
-            raise ConfigError(f"configuration {position}: cls_norm {cfg.classifier.norm!r} is not "
-                              "fused yet; accepted: off")
         key = fusion_key(cfg)
         differ = sorted(name for name in key if key[name] != first[name])
         if differ:

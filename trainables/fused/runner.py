@@ -36,7 +36,7 @@ from trainables.fused.members import (
     shared_settings,
 )
 from trainables.fused.sgd import SGDGroup, StackedSGD
-from trainables.fused.stack import StackedModel
+from trainables.fused.stack import PREFIX, SCALE, StackedModel
 from trainables.losses import dro_loss_unchecked, make_radii
 from trainables.models import create_model
 from trainables.phases import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, PHASES, ncm_due
@@ -181,6 +181,8 @@ class FusedRunner:
             raise ValueError("members resumed together must be at one position (phase, epoch); "
                              f"got {sorted(positions, key=str)}: run them as separate groups")
         index, epoch = positions.pop()
+        if any(SCALE[len(PREFIX):] in state["model"] for state in states):
+            self._normalise_classifiers()  # saved in the classifier phase; loaded next
         with torch.no_grad():
             for k, (member, state) in enumerate(zip(self.members, states, strict=True)):
                 self.stack.load_state_dict(k, state["model"])
@@ -383,13 +385,17 @@ class FusedRunner:
     def _classifier_phase(self, resumed: bool = False) -> Phase:
         """`resumed`: the phase continues from checkpoints, whose classifier is the trained one
         (re-initialised before its first epoch) and whose MaxNorm radius is in diagnostics."""
+        # the unfused phase's order: the MaxNorm radius and a learned scale's start come from
+        # the trained rows, then cRT re-initialises them
         for k, member in enumerate(self.members):
             hp = member.hp
             if hp.maxnorm != "off" and member.diagnostics.get("maxnorm_radius") is None:
                 start = self.stack.classifier_weight[k].detach().norm(dim=1)
                 radius = hp.maxnorm_radius or relative_maxnorm_radius(start, hp.maxnorm_t)
                 member.diagnostics["maxnorm_radius"] = float(radius)
-            if hp.cls_reinit and not resumed:
+        self._normalise_classifiers()
+        for k, member in enumerate(self.members):
+            if member.hp.cls_reinit and not resumed:
                 self._reinit_classifier(k, member)
         self._cls_weights = torch.stack([
             effective_number_weights(self.class_counts, m.hp.cb_beta)
@@ -400,12 +406,15 @@ class FusedRunner:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 features = self.stack.eval_forward(images)[0]  # frozen: eval BN, no gradient
             with torch.autocast(images.device.type, enabled=False):
-                logits = vmap(F.linear)(features.float(), self.stack.classifier_weight,
-                                        self.stack.classifier_bias)
-                return self._classifier_losses(logits, labels)
+                return self._classifier_losses(self.stack.logits(features.float()), labels)
 
         def groups(hps: list[PhaseHparams], factor: torch.Tensor) -> list[SGDGroup]:
-            return [self._group(self.stack.classifier_names(), hps, factor)]
+            rows = [name for name in self.stack.classifier_names() if name != SCALE]
+            found = [self._group(rows, hps, factor)]
+            if SCALE in self.stack.params:  # learned scales, never weight-decayed (phases.py)
+                learned = self._mask(lambda h: h.cls_norm == "l2" and h.cls_norm_scale is None)
+                found.append(self._group([SCALE], hps, factor, active=learned, decay=False))
+            return found
 
         def project_step() -> None:
             self._maxnorm(self._mask(lambda h: h.maxnorm == "step"))
@@ -418,6 +427,11 @@ class FusedRunner:
         return Phase("classifier", "classifier", self._epochs("classifier"),
                      self.shared.batch_sizes["classifier"], losses, groups, features_frozen=True,
                      after_step=project_step if any_step else None, after_epoch=project_epoch)
+
+    def _normalise_classifiers(self) -> None:
+        """The members with an L2-normalised classifier (cls_norm l2) switch to it."""
+        self.stack.normalise_classifier([m.hp.cls_norm == "l2" for m in self.members],
+                                        [m.hp.cls_norm_scale for m in self.members])
 
     def _classifier_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         forms = [m.hp.cls_loss for m in self.members]
@@ -655,7 +669,7 @@ class FusedRunner:
             self._after_stage1(members, stack, positions)  # as the unfused trial does
         val = self._evaluate(stack, "val")
         test = self._evaluate(stack, "test")
-        final_norms = _row_norms(stack.classifier_weight)
+        final_norms = _row_norms(stack.classifier_rows())  # what the logits use, as unfused
         for j, (k, member) in enumerate(zip(positions, members, strict=True)):
             radii = None
             if self.radii is not None:
@@ -715,8 +729,7 @@ class FusedRunner:
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 feats = stack.eval_forward(images)[0]
             with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-                logits = vmap(F.linear)(feats.float(), stack.classifier_weight,
-                                        stack.classifier_bias)
+                logits = stack.logits(feats.float())
             predictions.append(logits.argmax(2))
             labels.append(targets)
             features.append(feats.float())
