@@ -21,8 +21,9 @@ so a member's epoch counts as its share (epoch_seconds / fused_members, logged e
 the group's epoch, in the group's CPUs (search.cluster.fit_resources, the sweep's own rule);
 slots are then counted in CPUs: wall x the machine's CPUs.
 
-Options: --spaces ce dro_lt ... (default: all), --fuse K, --json PATH to keep the numbers.
-Not a test. benchmarks/fusion.py --sweeps runs it fused and unfused in turn.
+Options: --spaces ce dro_lt ... (default: all), --fuse K, --json PATH to keep the numbers,
+--args "..." more arguments for every sweep (real data: "--dataset cifar10_lt --data-dir DIR
+--epochs 30"). Not a test. benchmarks/fusion.py --sweeps runs it fused and unfused in turn.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -42,24 +44,35 @@ sys.path.insert(0, str(REPO))
 
 
 def measure(space: str, storage: Path, extra: tuple[str, ...] = ()) -> dict:
-    from mlflow.tracking import MlflowClient
-
-    from results.mlflow_logging import local_tracking_uri
-    from search.cluster import fit_resources
-    from search.options import parse_options
-
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    argv = ["--space", space, "--name", space, "--storage", str(storage), *extra]
-    options, _ = parse_options(argv)
-    resources = fit_resources(options, {"CPU": float(os.cpu_count())})
+    argv = _argv(space, space, storage, extra)
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "search/run.py", *argv], cwd=REPO, env=env,
                           capture_output=True, text=True)
     wall = time.monotonic() - started
     if proc.returncode != 0:
         raise RuntimeError(f"sweep {space} failed:\n{proc.stdout}\n{proc.stderr}")
-    sweep_seconds = float(re.search(r"Sweep \S+ \w+ in ([\d.]+) s", proc.stdout).group(1))
-    slots = int(re.search(r"(\d+) at a time", proc.stdout).group(1))
+    return read_back(space, space, storage, extra, wall, proc.stdout)
+
+
+def _argv(space: str, name: str, storage: Path, extra: tuple[str, ...]) -> list[str]:
+    return ["--space", space, "--name", name, "--storage", str(storage), *extra]
+
+
+def read_back(space: str, name: str, storage: Path, extra: tuple[str, ...], wall: float,
+              printed: str) -> dict:
+    """The shares of a finished sweep `search/run.py --space space --name name --storage
+    storage *extra`: `wall` the command's seconds, `printed` its standard output."""
+    from mlflow.tracking import MlflowClient
+
+    from results.mlflow_logging import local_tracking_uri
+    from search.cluster import fit_resources
+    from search.options import parse_options
+
+    options, _ = parse_options(_argv(space, name, storage, extra))
+    resources = fit_resources(options, {"CPU": float(os.cpu_count())})
+    sweep_seconds = float(re.search(r"Sweep \S+ \w+ in ([\d.]+) s", printed).group(1))
+    slots = int(re.search(r"(\d+) at a time", printed).group(1))
 
     client = MlflowClient(local_tracking_uri(storage))
     experiment = client.get_experiment_by_name("tailtune")
@@ -98,8 +111,9 @@ def main() -> int:
     parser.add_argument("--spaces", nargs="+", default=["ce", "dro_lt", "wb", "dro_wb"])
     parser.add_argument("--fuse", type=int, help="run the sweeps fused, K trials at a time")
     parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument("--args", default="", help="more search/run.py arguments, one string")
     args = parser.parse_args()
-    extra = ("--fuse", str(args.fuse)) if args.fuse else ()
+    extra = (*(("--fuse", str(args.fuse)) if args.fuse else ()), *shlex.split(args.args))
     rows = []
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start", flush=True)
     for space in args.spaces:
