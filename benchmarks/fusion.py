@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.sweep_overhead import measure as measure_sweep  # noqa: E402
 from trainables.fused.sgd import SGDGroup, StackedSGD  # noqa: E402
 from trainables.fused.stack import StackedModel  # noqa: E402
-from trainables.models import create_model  # noqa: E402
+from trainables.models import create_model, memory_format  # noqa: E402
 
 NUM_CLASSES = 100
 BATCH = 128
@@ -66,9 +66,12 @@ def _data(k: int, device: torch.device, batch: int = BATCH,
 
 
 def sequential_step(k: int, device: torch.device, batch: int = BATCH, amp: bool = False,
-                    channels_last: bool = False):
-    """K separate models stepped in turn. `amp` (bf16 autocast) and `channels_last` are what
-    trainables.pipeline does on CUDA, so K=1 is the unfused GPU trial's step."""
+                    channels_last: bool | None = None):
+    """K separate models stepped in turn. `amp` (bf16 autocast) is what trainables.pipeline
+    does on CUDA; `channels_last` None: the memory format the unfused trial trains 32x32
+    images in on `device` (trainables.models.memory_format), so K=1 is its step."""
+    if channels_last is None:
+        channels_last = memory_format(device, 32) == torch.channels_last
     models = []
     for seed in range(k):
         torch.manual_seed(seed)
@@ -245,7 +248,9 @@ def _write(args: argparse.Namespace, rows: list, device: torch.device, load_befo
         Path(args.out).write_text(
             "# Fused training throughput (benchmarks/fusion.py)\n\n"
             "Aggregate training images/s of K ResNet-32 members (batch 128 each, CIFAR-shaped "
-            "random data, 100 classes): K separate models stepped in turn (`sequential`), the "
+            "random data, 100 classes): K separate models stepped in turn, in the memory format "
+            "an unfused trial trains in here (`sequential`; channels-last on a CPU since "
+            "32x32 images are at its threshold), the "
             "fused path of `trainables.fused` (`vmap`), and grouped convolutions (`grouped`).\n\n"
             f"{table}\n\n{machine}\n")
 
