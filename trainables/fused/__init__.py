@@ -24,12 +24,15 @@ centroids) is re-sliced to the remaining members, so their compute is freed, not
 Mechanism: stacked weights under `torch.func.vmap` (`stack.StackedModel`: `stack_module_state`
 and `functional_call` over a meta-device template), not hand-written grouped convolutions. Why:
 
-- measured on this repository's CPU machine (benchmarks/fusion.py, results in
-  benchmarks/results/fusion_cpu.md): ResNet-32, batch 128, K = 2 and 4, vmap and grouped
-  convolutions train at the same aggregate rate within the noise of a shared 2-core machine
-  (K=4: 19.2 vs 17.5 images/s; K=2: about 14 s vs 12-15 s a fused step), both ahead of K
-  separate models stepped in turn; vmap's batching rule for a convolution with batched weights
-  is itself a grouped convolution, so the kernels are the same;
+- measured (benchmarks/fusion.py, benchmarks/results/fusion_cpu.md): on the project's 2-core
+  CPU, quiet, ResNet-32 at batch 128, neither form keeps up with separate channels-last models
+  (about 300 images/s). vmap reaches 0.65x of them at K = 1-2 and 0.31x at K = 8; hand-written
+  grouped convolutions reach 0.81x and 0.50x. So on a CPU the grouped form would be 1.2-1.6x
+  faster than vmap, but both lose to unfused trials. vmap's batching rule for a convolution with
+  batched weights is itself a grouped convolution, so the gap is the layers around it. Fusion is
+  meant to pay on a GPU, where one trial leaves the device idle; that comparison is the GPU
+  proof's `fused` stage and is not measured yet (no GPU available). Until it is, vmap's
+  generality decides:
 - vmap fuses any registered backbone as it is (no second, grouped definition of each
   architecture to keep in step: option-A shortcuts, per-member classifier, torchvision models),
   and a member's parameters keep the unfused names: `StackedModel.state_dict(k)` loads into
@@ -39,8 +42,8 @@ and `functional_call` over a meta-device template), not hand-written grouped con
   (`replace_all_batch_norm_modules_` would drop the running statistics that evaluation needs).
 
 Known cost: `F.adaptive_avg_pool2d` (the models' global pool) has no vmap batching rule for
-`as_strided_` and falls back to a slower path (a UserWarning); at K = 1 the fused step is slower
-than the plain one. `x.mean((2, 3))` in the models would remove it (models.py not changed here).
+`as_strided_` and falls back to a slower path (a UserWarning). Measured, it is not what makes the
+fused step slow: `x.mean((2, 3))` in its place gave the same rate (fusion_cpu.md).
 
 Optimiser: `sgd.StackedSGD`, torch.optim.SGD's update on stacked tensors with [K] lr, weight
 decay and momentum, and per-member masks for parameters a member does not train (a frozen DRO
