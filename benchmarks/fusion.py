@@ -50,6 +50,7 @@ from trainables.models import create_model, memory_format  # noqa: E402
 
 NUM_CLASSES = 100
 BATCH = 128
+IMAGE_SIZE = 32  # CIFAR
 LR, MOMENTUM, WD = 0.1, 0.9, 2e-4
 RESULTS = Path(__file__).resolve().parent / "results" / "fusion_cpu.md"
 SWEEP_RESULTS = RESULTS.with_name("fusion_sweeps.md")
@@ -58,7 +59,7 @@ SWEEP_RESULTS = RESULTS.with_name("fusion_sweeps.md")
 def _data(k: int, device: torch.device, batch: int = BATCH,
           channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(k, batch, 3, 32, 32, generator=generator).to(device)
+    images = torch.randn(k, batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(device)
     if channels_last:  # per member: each images[j] is an NHWC-strided batch, as the loader's
         images = torch.stack([x.contiguous(memory_format=torch.channels_last) for x in images])
     labels = torch.randint(0, NUM_CLASSES, (k, batch), generator=generator).to(device)
@@ -71,7 +72,7 @@ def sequential_step(k: int, device: torch.device, batch: int = BATCH, amp: bool 
     does on CUDA; `channels_last` None: the memory format the unfused trial trains 32x32
     images in on `device` (trainables.models.memory_format), so K=1 is its step."""
     if channels_last is None:
-        channels_last = memory_format(device, 32) == torch.channels_last
+        channels_last = memory_format(device, IMAGE_SIZE) == torch.channels_last
     models = []
     for seed in range(k):
         torch.manual_seed(seed)

@@ -19,6 +19,7 @@ from trainables.fused import run_trials
 from trainables.fused.members import fusable
 from trainables.fused.runner import MEMBER_CHECKPOINT, FusedRunner
 from trainables.fused.sgd import SGDGroup, StackedSGD
+from trainables.fused.stack import SCALE_NAME
 from trainables.normalised_classifier import NormalisedLinear
 from trainables.phases import PHASE_SEED_STRIDE, PHASES
 from trainables.pipeline import CachedStage1, TrialRunner, run_trial
@@ -125,7 +126,7 @@ class UnfusedProbe:
         if not isinstance(runner.model.classifier, NormalisedLinear):
             # before the classifier phase's spec normalises the unfused classifier (from the
             # rows loaded here, as the fused member's was)
-            state.pop("classifier.log_scale", None)
+            state.pop(SCALE_NAME, None)
         runner.model.load_state_dict(state)
         if fused.radii is not None:
             if runner.radii.trainable:

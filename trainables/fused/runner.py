@@ -36,7 +36,7 @@ from trainables.fused.members import (
     shared_settings,
 )
 from trainables.fused.sgd import SGDGroup, StackedSGD
-from trainables.fused.stack import PREFIX, SCALE, StackedModel
+from trainables.fused.stack import SCALE, SCALE_NAME, StackedModel
 from trainables.losses import dro_loss_unchecked, make_radii
 from trainables.models import create_model
 from trainables.phases import EVAL_BATCH_SIZE, PHASE_SEED_STRIDE, PHASES, ncm_due
@@ -181,7 +181,7 @@ class FusedRunner:
             raise ValueError("members resumed together must be at one position (phase, epoch); "
                              f"got {sorted(positions, key=str)}: run them as separate groups")
         index, epoch = positions.pop()
-        if any(SCALE[len(PREFIX):] in state["model"] for state in states):
+        if any(SCALE_NAME in state["model"] for state in states):
             self._normalise_classifiers()  # saved in the classifier phase; loaded next
         with torch.no_grad():
             for k, (member, state) in enumerate(zip(self.members, states, strict=True)):

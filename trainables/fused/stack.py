@@ -37,8 +37,10 @@ class _FeaturesAndLogits(nn.Module):
 
 
 PREFIX = "net."
-# log s of the members' L2-normalised classifiers ([K]; normalise_classifier)
-SCALE = PREFIX + "classifier.log_scale"
+# log s of an L2-normalised classifier: its name in a member's state_dict, and stacked ([K];
+# normalise_classifier)
+SCALE_NAME = "classifier.log_scale"
+SCALE = PREFIX + SCALE_NAME
 
 
 class StackedModel:
@@ -58,8 +60,8 @@ class StackedModel:
         return next(iter(self.params.values())).shape[0]
 
     def _call(self, params, buffers, images):
-        # the template's classifier is a plain nn.Linear; `logits` applies the scale
-        params = {name: value for name, value in params.items() if name != SCALE}
+        if SCALE in params:  # the template's classifier is a plain nn.Linear; `logits` scales
+            params = {name: value for name, value in params.items() if name != SCALE}
         return functional_call(self.template, (params, buffers), (images,))
 
     def train_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
